@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from lnarize_serve.kvtc.bitpack import unpack_codes
 from lnarize_serve.kvtc.codec import LayerCodec, decode_kv
 
 
@@ -72,10 +71,9 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
             continue
         q = query[start:end].to(torch.float32).view(num_q, num_kv_heads, group, head_dim)
         slots = gather_slots(cache, block_table[b], seq_len)
-        key_codes = unpack_codes(slots[:, :, : layer.key_bytes], keys.bits).float()
-        value_codes = unpack_codes(
-            slots[:, :, layer.key_bytes: layer.key_bytes + layer.value_bytes],
-            values.bits).float()
+        key_codes = keys.unpack(slots[:, :, : layer.key_bytes]).float()
+        value_codes = values.unpack(
+            slots[:, :, layer.key_bytes: layer.key_bytes + layer.value_bytes]).float()
 
         # scores from codes: [n, H, g, L]
         q_coeff = torch.einsum("nhgd,hrd->nhgr", q, keys.basis) * keys.scale[None, :, None, :]

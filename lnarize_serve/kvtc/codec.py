@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lnarize_serve.kvtc.bitpack import bit_offsets, pack_codes, unpack_codes
+from lnarize_serve.kvtc.bitpack import check_offsets, pack_codes, unpack_codes
 from lnarize_serve.kvtc.quantizer import MAX_BITS, dequantize_codes, quantize_codes
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 KINDS = ("keys", "values")
 
 
@@ -30,6 +30,7 @@ class HeadCodec:
     bits: torch.Tensor   # [r] int32, 1..8
     scale: torch.Tensor  # [r] fp32, quantizer step
     zero: torch.Tensor   # [r] fp32, zero point in code units
+    offset: torch.Tensor  # [r] int32, first bit of each code in its slot part
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,14 @@ class KindCodec:
     bits: torch.Tensor   # [H, R_max] int32, 0 = padding
     scale: torch.Tensor  # [H, R_max] fp32
     zero: torch.Tensor   # [H, R_max] fp32
+    bit_offset: torch.Tensor  # [H, R_max] int32, stored (layout v2), 0 on padding
     num_bytes: int       # bytes of this part of a slot (same for every head)
 
     def __post_init__(self) -> None:
         num_heads, max_rank, head_dim = self.basis.shape
         expect = {"mean": (num_heads, head_dim), "bits": (num_heads, max_rank),
-                  "scale": (num_heads, max_rank), "zero": (num_heads, max_rank)}
+                  "scale": (num_heads, max_rank), "zero": (num_heads, max_rank),
+                  "bit_offset": (num_heads, max_rank)}
         for name, shape in expect.items():
             actual = tuple(getattr(self, name).shape)
             if actual != shape:
@@ -65,6 +68,7 @@ class KindCodec:
         worst = int(bits.sum(dim=1).max()) if bits.numel() else 0
         if worst > 8 * self.num_bytes:
             raise ValueError(f"a head needs {worst} bits, more than {self.num_bytes} bytes hold")
+        check_offsets(self.bits, self.bit_offset, self.num_bytes)
 
     @property
     def num_heads(self) -> int:
@@ -78,15 +82,10 @@ class KindCodec:
     def max_rank(self) -> int:
         return self.basis.shape[1]
 
-    @property
-    def bit_offset(self) -> torch.Tensor:
-        """[H, R_max] int32 start bit of each component inside its slot part."""
-        return bit_offsets(self.bits)
-
     def head(self, h: int) -> HeadCodec:
         rank = int((self.bits[h] > 0).sum())
         return HeadCodec(self.mean[h], self.basis[h, :rank], self.bits[h, :rank],
-                         self.scale[h, :rank], self.zero[h, :rank])
+                         self.scale[h, :rank], self.zero[h, :rank], self.bit_offset[h, :rank])
 
     @classmethod
     def from_heads(cls, heads: list[HeadCodec], num_bytes: int) -> "KindCodec":
@@ -98,6 +97,7 @@ class KindCodec:
         bits = torch.zeros(num_heads, max_rank, dtype=torch.int32)
         scale = torch.zeros(num_heads, max_rank)
         zero = torch.zeros(num_heads, max_rank)
+        offset = torch.zeros(num_heads, max_rank, dtype=torch.int32)
         for i, head in enumerate(heads):
             rank = head.bits.shape[0]
             mean[i] = head.mean
@@ -105,12 +105,13 @@ class KindCodec:
             bits[i, :rank] = head.bits.to(torch.int32)
             scale[i, :rank] = head.scale
             zero[i, :rank] = head.zero
-        return cls(mean, basis, bits, scale, zero, num_bytes)
+            offset[i, :rank] = head.offset.to(torch.int32)
+        return cls(mean, basis, bits, scale, zero, offset, num_bytes)
 
     def to(self, device: torch.device | str) -> "KindCodec":
         return dataclasses.replace(
             self, **{f: getattr(self, f).to(device)
-                     for f in ("mean", "basis", "bits", "scale", "zero")})
+                     for f in ("mean", "basis", "bits", "scale", "zero", "bit_offset")})
 
     # -- the transform ---------------------------------------------------
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,10 +127,10 @@ class KindCodec:
         return self.mean + torch.einsum("nhr,hrd->nhd", coeffs, self.basis)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        return pack_codes(codes, self.bits, self.num_bytes)
+        return pack_codes(codes, self.bits, self.bit_offset, self.num_bytes)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        return unpack_codes(packed, self.bits)
+        return unpack_codes(packed, self.bits, self.bit_offset)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import torch
 
+from lnarize_serve.kvtc.bitpack import word_packed_offsets
 from lnarize_serve.kvtc.codec import HeadCodec, KindCodec, LayerCodec
 from lnarize_serve.kvtc.quantizer import (MAX_BITS, allocate_bits, gaussian_unit_samples,
                                           quantizer_tables)
@@ -60,13 +61,31 @@ def head_codec(stats: HeadStatistics, budget_bits: int, weights: torch.Tensor | 
         mse, scale, zero = gaussian_quantizer_tables(stats.variances)
     weighted = mse if weights is None else mse * weights.to(mse.dtype)[:, None]
     bits = allocate_bits(weighted, budget_bits)
-    keep = torch.nonzero(bits > 0).flatten()
+    keep, offsets = _word_pack(bits, weighted, budget_bits // 8)
     rows = torch.arange(len(bits))
     chosen_scale = scale[rows, bits][keep]
     chosen_zero = zero[rows, bits][keep]
     return HeadCodec(mean=stats.mean.clone(), basis=stats.components[keep].clone(),
                      bits=bits[keep].to(torch.int32), scale=chosen_scale.float(),
-                     zero=chosen_zero.float())
+                     zero=chosen_zero.float(), offset=torch.tensor(offsets, dtype=torch.int32))
+
+
+def _word_pack(bits: torch.Tensor, weighted: torch.Tensor, num_bytes: int
+               ) -> tuple[torch.Tensor, list[int]]:
+    """Order kept components by width (widest first, stable) and word-pack them.
+
+    If the widths do not pack (layout v2: no code straddles a 32-bit word),
+    take one bit from the component whose loss costs the least weighted error,
+    and retry. Mutates ``bits``; returns (kept component indices, offsets).
+    """
+    while True:
+        kept = [int(i) for i in torch.nonzero(bits > 0).flatten()]
+        kept.sort(key=lambda i: -int(bits[i]))
+        offsets = word_packed_offsets([int(bits[i]) for i in kept], num_bytes)
+        if offsets is not None:
+            return torch.tensor(kept, dtype=torch.int64), offsets
+        costs = [float(weighted[i, bits[i] - 1] - weighted[i, bits[i]]) for i in kept]
+        bits[kept[min(range(len(kept)), key=costs.__getitem__)]] -= 1
 
 
 def kind_codec(stats: list[HeadStatistics], num_bytes: int, **per_head) -> KindCodec:
@@ -83,7 +102,8 @@ def kind_codec(stats: list[HeadStatistics], num_bytes: int, **per_head) -> KindC
 
 
 def bytes_for(bits_per_dim: float, head_dim: int) -> int:
-    return int(math.ceil(bits_per_dim * head_dim / 8))
+    """Bytes of one slot part: rounded up to whole 32-bit words (layout v2)."""
+    return 4 * int(math.ceil(bits_per_dim * head_dim / 32))
 
 
 def random_statistics(head_dim: int, generator: torch.Generator, decay: float = 8.0,

@@ -18,9 +18,11 @@ def test_layer_bytes_and_stacked_form(k2v4):
     for part, budget in ((layer.keys, 128), (layer.values, 256)):
         assert part.bits.sum(dim=1).tolist() == [budget] * 3  # whole budget used
         assert part.basis.shape[0] == 3 and part.basis.shape[2] == 64
-        # bit offsets are the exclusive prefix sum, padding carries zeros
-        offsets = part.bit_offset
-        assert torch.equal(offsets[:, 1:], torch.cumsum(part.bits, 1)[:, :-1].int())
+        # stored offsets are word packed: no code straddles a 32-bit word
+        active = part.bits > 0
+        assert bool(((part.bit_offset % 32 + part.bits <= 32) | ~active).all())
+        # widths are non-increasing within a head (kernels tile by width)
+        assert bool((part.bits[:, 1:] <= part.bits[:, :-1]).all())
         padding = part.bits == 0
         assert float(part.basis[padding].abs().sum()) == 0.0
     args = layer.kernel_args()
@@ -82,9 +84,14 @@ def test_invalid_codecs_are_rejected(k2v4):
     with pytest.raises(ValueError, match="padding"):
         bad = keys.bits.clone()
         bad[0, 0] = 0
-        KindCodec(keys.mean, keys.basis, bad, keys.scale, keys.zero, keys.num_bytes)
+        KindCodec(keys.mean, keys.basis, bad, keys.scale, keys.zero, keys.bit_offset,
+                  keys.num_bytes)
     with pytest.raises(ValueError, match="more than"):
-        KindCodec(keys.mean, keys.basis, keys.bits, keys.scale, keys.zero, keys.num_bytes - 1)
+        KindCodec(keys.mean, keys.basis, keys.bits, keys.scale, keys.zero, keys.bit_offset,
+                  keys.num_bytes - 1)
+    with pytest.raises(ValueError, match="overlap"):
+        KindCodec(keys.mean, keys.basis, keys.bits, keys.scale, keys.zero,
+                  torch.zeros_like(keys.bit_offset), keys.num_bytes)
     with pytest.raises(ValueError, match="must be"):
         encode_kv(torch.zeros(2, 4, 64), torch.zeros(2, 4, 64), layer)
     with pytest.raises(ValueError, match="uint8"):

@@ -1,0 +1,131 @@
+"""The two device-specific operations under the KVTC vLLM backend.
+
+The backend's glue (metadata, batch split, exact current chunk) is the same on
+every device; it calls an object with this interface:
+
+- ``write``: compress the step's K/V into their slots.
+- ``decode``: attention of short queries (decode, MTP verification: at most
+  ``DECODE_MAX_QUERY`` tokens per sequence) over the cache alone; the new
+  tokens were written first, so they are read back compressed like the rest.
+- ``prefill``: attention of a prefill chunk: its tokens see each other
+  uncompressed and the history compressed.
+
+CPU: the codec's torch reference. CUDA: the Triton kernels for write and
+decode; prefill uses the reference op on the GPU (no prefill kernel yet).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from lnarize_serve.kvtc.attention import attention_on_slots
+from lnarize_serve.kvtc.attention import write_slots as write_slots_reference
+from lnarize_serve.kvtc.codec import LayerCodec, encode_kv
+
+# Longest per-sequence query treated as decode/verify (the Triton decode
+# kernel's limit; MTP n=3 verification is 4).
+DECODE_MAX_QUERY = 16
+
+
+class KVTCOps(Protocol):
+    def write(self, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
+              slot_mapping: torch.Tensor, codec: LayerCodec) -> None: ...
+
+    def decode(self, query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, query_start_loc: torch.Tensor, codec: LayerCodec,
+               softmax_scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor: ...
+
+    def prefill(self, query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, codec: LayerCodec,
+                softmax_scale: float, exact_keys: torch.Tensor,
+                exact_values: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchReferenceOps:
+    """The codec's reference implementation (any device; used on CPU)."""
+
+    def write(self, key, value, cache, slot_mapping, codec):
+        keep = slot_mapping >= 0  # vLLM marks padding tokens with -1
+        if not bool(keep.all()):
+            key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+        write_slots_reference(cache, encode_kv(key, value, codec), slot_mapping)
+
+    def decode(self, query, cache, block_table, seq_lens, query_start_loc, codec,
+               softmax_scale, max_query_len, max_seq_len):
+        return attention_on_slots(query, cache, block_table, seq_lens, query_start_loc,
+                                  codec, softmax_scale)
+
+    def prefill(self, query, cache, block_table, seq_lens, query_start_loc, codec,
+                softmax_scale, exact_keys, exact_values):
+        return attention_on_slots(query, cache, block_table, seq_lens, query_start_loc,
+                                  codec, softmax_scale, exact_keys=exact_keys,
+                                  exact_values=exact_values)
+
+
+class TritonOps(TorchReferenceOps):
+    """The kernels issue's Triton ops for write and decode (CUDA)."""
+
+    def __init__(self) -> None:
+        from lnarize_serve.kvtc import kernels
+
+        self._kernels = kernels
+        self._tables: dict[int, object] = {}
+
+    def _tables_for(self, codec: LayerCodec):
+        tables = self._tables.get(id(codec))
+        if tables is None:
+            tables = self._kernels.prepare_layer_tables(codec)
+            self._tables[id(codec)] = tables
+        return tables
+
+    def write(self, key, value, cache, slot_mapping, codec):
+        self._kernels.write_slots(key, value, slot_mapping, cache, self._tables_for(codec))
+
+    def decode(self, query, cache, block_table, seq_lens, query_start_loc, codec,
+               softmax_scale, max_query_len, max_seq_len):
+        return self._kernels.decode_attention(
+            query, cache, block_table, seq_lens, query_start_loc, self._tables_for(codec),
+            softmax_scale, max_query_len, max_seq_len)
+
+
+def ops_for_device(device: torch.device) -> KVTCOps:
+    return TritonOps() if device.type == "cuda" else TorchReferenceOps()
+
+
+def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
+                   block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   query_start_loc: torch.Tensor, query_start_loc_cpu: torch.Tensor,
+                   codec: LayerCodec, softmax_scale: float,
+                   exact_keys: torch.Tensor | None, exact_values: torch.Tensor | None,
+                   max_seq_len: int) -> torch.Tensor:
+    """The glue: split the batch into decode rows and prefill rows, run each op.
+
+    The metadata builder moves rows with at most DECODE_MAX_QUERY tokens to
+    the front (vLLM's batch reordering), so decode rows are a prefix.
+    """
+    query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+    num_decodes = 0
+    while num_decodes < len(query_lens) and query_lens[num_decodes] <= DECODE_MAX_QUERY:
+        num_decodes += 1
+    if any(n <= DECODE_MAX_QUERY for n in query_lens[num_decodes:] if n > 0):
+        raise RuntimeError("KVTC: decode rows must precede prefill rows in the batch")
+    num_decode_tokens = int(query_start_loc_cpu[num_decodes])
+    num_tokens = query.shape[0]
+    out = torch.empty(num_tokens, query.shape[1], query.shape[2], dtype=torch.float32,
+                      device=query.device)
+    if num_decodes:
+        out[:num_decode_tokens] = ops.decode(
+            query[:num_decode_tokens], cache, block_table[:num_decodes],
+            seq_lens[:num_decodes], query_start_loc[: num_decodes + 1], codec,
+            softmax_scale, max(query_lens[:num_decodes]), max_seq_len).float()
+    if num_decodes < len(query_lens) and num_decode_tokens < num_tokens:
+        if exact_keys is None or exact_values is None:
+            raise RuntimeError("KVTC prefill needs the chunk's keys and values")
+        out[num_decode_tokens:] = ops.prefill(
+            query[num_decode_tokens:], cache, block_table[num_decodes:],
+            seq_lens[num_decodes:], query_start_loc[num_decodes:] - num_decode_tokens,
+            codec, softmax_scale, exact_keys[num_decode_tokens:],
+            exact_values[num_decode_tokens:]).float()
+    return out

@@ -1,0 +1,283 @@
+"""KVTC attention backend for vLLM 0.32: the paged KV cache itself is compressed.
+
+Each full-attention layer's cache is ``[num_blocks, num_kv_heads, block_size,
+SLOT_BYTES]`` uint8 (docs/kvtc-layout.md); ``customize_spec`` declares
+SLOT_BYTES so vLLM's allocator, its "KV cache size: N tokens" and its
+scheduler all see the real page. vLLM calls ``do_kv_cache_update`` (compress
+the step's new K/V into their slots) and then ``forward`` (attention of the
+step's queries over the compressed history, with the step's own tokens exact).
+
+One glue path for every device; only the two ops differ (:mod:`kvtc_ops`):
+the codec's torch reference on CPU, the Triton kernels on CUDA.
+
+Tokens kept exact: the tokens of a prefill chunk (more than DECODE_MAX_QUERY
+tokens of one sequence in a step) attend to each other with their
+uncompressed K/V; decode and MTP-verify rows read everything, themselves
+included, from the compressed cache (what the GPU decode kernel does). Sink
+and window tokens are not kept exact in this build (see docs/kvtc-vllm.md):
+the server rejects non-zero LNARIZE_KVTC_SINK_TOKENS/WINDOW_TOKENS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from lnarize_serve.kvtc.codec import LayerCodec
+from lnarize_serve.kvtc.kvtc_ops import DECODE_MAX_QUERY, KVTCOps, kvtc_attention, ops_for_device
+from lnarize_serve.kvtc.model_codecs import (
+    CalibrationMismatch,
+    ModelCodecs,
+    full_attention_layer_indices,
+    layer_ordinal,
+    load_model_codecs_cached,
+)
+from lnarize_serve.kvtc.runtime_config import KVTCConfigError, runtime_config_from_environ
+
+
+def _model_codecs() -> ModelCodecs:
+    runtime = runtime_config_from_environ()
+    if runtime is None:
+        raise KVTCConfigError(
+            "the KVTC attention backend is installed but LNARIZE_KVTC_ENABLE is off "
+            "in this process"
+        )
+    return load_model_codecs_cached(runtime.calibration_path)
+
+
+class KVTCAttentionBackend(AttentionBackend):
+    """Compressed paged KV cache (KVTC slots), for decoder full attention."""
+
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ]
+    # The slot format is KVTC's own; vLLM's kv_cache_dtype stays "auto".
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "KVTC"
+
+    @staticmethod
+    def get_impl_cls() -> type[KVTCAttentionImpl]:
+        return KVTCAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KVTCMetadataBuilder]:
+        return KVTCMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # head-major inside a block: one (sequence, KV head) streams its slots
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Declare the compressed bytes per token per KV head (idempotent)."""
+        if spec.state_content_bytes is not None:
+            return spec
+        codecs = _model_codecs()
+        if (spec.head_size, spec.num_kv_heads) != (codecs.head_dim, codecs.num_kv_heads):
+            # num_kv_heads is per TP rank; a calibration covers all heads.
+            if spec.head_size != codecs.head_dim:
+                raise CalibrationMismatch(
+                    f"KVTC calibration has head_dim {codecs.head_dim}, the model "
+                    f"{spec.head_size}"
+                )
+        # The cache is bytes: a uint8 view, C = SLOT_BYTES.
+        return replace(spec, dtype=torch.uint8, state_content_bytes=codecs.slot_bytes)
+
+
+@dataclass
+class KVTCMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1]
+    seq_lens: torch.Tensor  # [num_reqs], context length after this step
+    block_table: torch.Tensor  # [num_reqs, max_blocks]
+    slot_mapping: torch.Tensor  # [num_tokens]
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor | None
+
+
+class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
+    # The reference op walks sequences in Python; no CUDA-graph capture.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # vLLM moves rows with at most this many tokens to the front, so the
+        # decode/verify rows form a prefix the decode op takes in one call.
+        self.reorder_batch_threshold = DECODE_MAX_QUERY
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> KVTCMetadata:
+        cam = common_attn_metadata
+        return KVTCMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len,
+            query_start_loc=cam.query_start_loc,
+            seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping,
+            query_start_loc_cpu=cam.query_start_loc_cpu,
+            seq_lens_cpu=cam.seq_lens_cpu_upper_bound,
+        )
+
+
+class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding window": sliding_window is not None,
+            "logits soft cap": bool(logits_soft_cap),
+            "learned attention sinks": sinks is not None,
+            f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype != "auto",
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            "KV sharing across layers": kv_sharing_target_layer_name is not None,
+        }
+        refused = [name for name, hit in unsupported.items() if hit]
+        if refused:
+            raise NotImplementedError(f"KVTC attention does not support: {', '.join(refused)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.sliding_window = None
+        self.codecs = _model_codecs()
+        if head_size != self.codecs.head_dim or self.num_kv_heads != self.codecs.num_kv_heads:
+            raise CalibrationMismatch(
+                f"KVTC calibration is for {self.codecs.num_kv_heads} KV heads of dim "
+                f"{self.codecs.head_dim}; this layer has {self.num_kv_heads} of dim {head_size}"
+            )
+        config = get_current_vllm_config()
+        self.full_attention_layers = full_attention_layer_indices(
+            config.model_config.hf_text_config
+        )
+        # per layer name: the layer's codec on the cache's device, and the ops
+        self._layer_codecs: dict[str, LayerCodec] = {}
+        self._ops: KVTCOps | None = None
+
+    def _codec_for(self, layer: AttentionLayer, device: torch.device) -> LayerCodec:
+        name = layer.layer_name
+        codec = self._layer_codecs.get(name)
+        if codec is None:
+            ordinal = layer_ordinal(name, self.full_attention_layers)
+            codec = self.codecs.layers[ordinal].to(device)
+            self._layer_codecs[name] = codec
+        return codec
+
+    def _ops_for(self, device: torch.device) -> KVTCOps:
+        if self._ops is None:
+            self._ops = ops_for_device(device)
+        return self._ops
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        num_tokens = slot_mapping.shape[0]
+        if num_tokens == 0:
+            return
+        codec = self._codec_for(layer, kv_cache.device)
+        self._ops_for(kv_cache.device).write(
+            key[:num_tokens], value[:num_tokens], kv_cache.view(torch.uint8), slot_mapping, codec
+        )
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: KVTCMetadata | None,
+        output: torch.Tensor | None = None,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("KVTC attention does not fuse output quantization")
+        assert output is not None
+        if attn_metadata is None:  # profiling run: no cache, no work
+            return output
+        num_tokens = attn_metadata.num_actual_tokens
+        codec = self._codec_for(layer, kv_cache.device)
+        meta = attn_metadata
+        result = kvtc_attention(
+            self._ops_for(kv_cache.device),
+            query=query[:num_tokens],
+            cache=kv_cache.view(torch.uint8),
+            block_table=meta.block_table,
+            seq_lens=meta.seq_lens,
+            query_start_loc=meta.query_start_loc,
+            query_start_loc_cpu=meta.query_start_loc_cpu,
+            codec=codec,
+            softmax_scale=self.scale,
+            exact_keys=None if key is None else key[:num_tokens],
+            exact_values=None if value is None else value[:num_tokens],
+            max_seq_len=meta.max_seq_len,
+        )
+        output[:num_tokens] = result.reshape(output[:num_tokens].shape).to(output.dtype)
+        return output
