@@ -1,0 +1,72 @@
+"""``lnarize-serve`` command line.
+
+Subcommands are registered in ``SUBCOMMANDS`` with one line each:
+``"name": ("package.module:configure", "one-line help")``. ``configure`` receives
+the subcommand's ``argparse.ArgumentParser``, adds its arguments and sets
+``parser.set_defaults(run=callable)`` where ``run(args) -> int`` is the exit code.
+Only the chosen subcommand's module is imported, so ``lnarize-serve version``
+stays fast and one subcommand's heavy imports never slow another down.
+With no subcommand (or only flags) the command is ``serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("lnarize_serve.cli_commands:configure_serve", "Start the OpenAI-compatible server (the default)."),
+    "config": ("lnarize_serve.cli_commands:configure_config", "Print the effective settings and vLLM engine arguments, then exit."),
+    "version": ("lnarize_serve.cli_commands:configure_version", "Print lnarize-serve, vLLM, torch and Python versions."),
+}
+DEFAULT_SUBCOMMAND = "serve"
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [
+        "usage: lnarize-serve [SUBCOMMAND] [options]",
+        "",
+        "OpenAI-compatible vLLM server for the Qwen3.6 LNARIZE model family.",
+        "Settings come from LNARIZE_* environment variables (see `lnarize-serve config --help`).",
+        "",
+        "subcommands:",
+    ]
+    lines += [f"  {name.ljust(width)}  {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "`lnarize-serve SUBCOMMAND --help` shows a subcommand's options."]
+    return "\n".join(lines)
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    target, help_text = SUBCOMMANDS[name]
+    module_name, _, function_name = target.partition(":")
+    configure = getattr(importlib.import_module(module_name), function_name)
+    parser = argparse.ArgumentParser(prog=f"lnarize-serve {name}", description=help_text)
+    configure(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0
+    if args_list and not args_list[0].startswith("-"):
+        name = args_list.pop(0)
+        if name not in SUBCOMMANDS:
+            print(f"lnarize-serve: unknown subcommand {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+            return 2
+    else:
+        name = DEFAULT_SUBCOMMAND
+    parser = build_parser(name)
+    parsed = parser.parse_args(args_list)
+    run = getattr(parsed, "run", None)
+    if run is None:
+        parser.error("this subcommand registered no run function")
+    return int(run(parsed) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

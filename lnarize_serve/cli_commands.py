@@ -1,0 +1,139 @@
+"""The built-in subcommands: serve, config, version (registered in cli.SUBCOMMANDS)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from typing import Any
+
+from lnarize_serve.settings import ConfigError, Settings, env_name, load_settings
+
+
+def _is_bool_field(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, help text taken from the field's description."""
+    group = parser.add_argument_group("settings (each flag overrides its LNARIZE_* environment variable)")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        shown_default = "****" if name == "api_key" else (json.dumps(default) if isinstance(default, dict) else default)
+        help_text = f"{field.description} [env {env_name(name)}; default {shown_default}]"
+        help_text = help_text.replace("%", "%%")
+        if _is_bool_field(field.annotation):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+            group.add_argument(flag, dest=name, default=None, choices=choices, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
+    return load_settings(**overrides)
+
+
+def _load_or_exit(args: argparse.Namespace) -> Settings:
+    try:
+        return settings_from_args(args)
+    except ConfigError as exc:
+        print(f"lnarize-serve: configuration error\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# serve ---------------------------------------------------------------------------
+
+
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser)
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args)
+    from lnarize_serve.server import serve
+
+    return serve(settings)
+
+
+# config --------------------------------------------------------------------------
+
+
+def configure_config(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="Print one JSON document instead of text.")
+    parser.set_defaults(run=run_config)
+
+
+def describe_configuration(settings: Settings) -> dict[str, Any]:
+    from lnarize_serve.engine import check_kvtc_supported, model_location_preview
+    from lnarize_serve.engine_args import engine_arg_values
+
+    check_kvtc_supported(settings)
+    engine_values = engine_arg_values(settings, model_location_preview(settings))
+    return {
+        "settings": settings.masked_dump(),
+        "engine": {
+            "quantization": engine_values["quantization"] or "auto (from the checkpoint)",
+            "speculative_decoding": engine_values["speculative_config"] or "off",
+            "cuda_graphs": "off (enforce_eager)" if engine_values["enforce_eager"] else "on",
+        },
+        "vllm_engine_args": engine_values,
+    }
+
+
+def _env_value(value: Any) -> str:
+    """Render a value the way it would be written in an env file."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def run_config(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args)
+    try:
+        description = describe_configuration(settings)
+    except ConfigError as exc:
+        print(f"lnarize-serve: configuration error\n{exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(description, indent=2, default=str))
+        return 0
+    print("# Effective settings (profile preset + LNARIZE_* environment + flags; secrets masked)")
+    for key, value in description["settings"].items():
+        print(f"{key}={_env_value(value)}")
+    print("\n# Engine shape")
+    for key, value in description["engine"].items():
+        print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    print("\n# vLLM AsyncEngineArgs these settings produce")
+    print(json.dumps(description["vllm_engine_args"], indent=2, default=str))
+    return 0
+
+
+# version -------------------------------------------------------------------------
+
+
+def configure_version(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(run=run_version)
+
+
+def run_version(args: argparse.Namespace) -> int:
+    import platform
+
+    from lnarize_serve import __version__
+
+    versions = {"lnarize-serve": __version__, "python": platform.python_version()}
+    for module_name in ("vllm", "torch"):
+        try:
+            module = __import__(module_name)
+            versions[module_name] = getattr(module, "__version__", "unknown")
+        except ImportError:
+            versions[module_name] = "not installed"
+    for key, value in versions.items():
+        print(f"{key} {value}")
+    return 0

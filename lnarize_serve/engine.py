@@ -1,0 +1,73 @@
+"""Engine construction: model location, KVTC gate, the vLLM AsyncLLM itself."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lnarize_serve.engine_args import build_engine_args
+from lnarize_serve.settings import DEMO_MODEL_ID, ConfigError, Settings
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger("lnarize_serve.engine")
+
+
+def check_kvtc_supported(settings: Settings) -> None:
+    """Refuse LNARIZE_KVTC_ENABLE until the KVTC vLLM backend (issue 7) is in this build.
+
+    The vllm-kvtc work replaces this function's body with the real availability
+    check; nothing else in the package decides whether KVTC can run.
+    """
+    if settings.kvtc_enable:
+        raise ConfigError(
+            "invalid setting LNARIZE_KVTC_ENABLE=true: the KVTC compressed KV cache is not available in this "
+            "build (its vLLM backend has not landed yet); unset LNARIZE_KVTC_ENABLE"
+        )
+
+
+def model_location_preview(settings: Settings) -> str:
+    """Where the model will be loaded from, without downloading or converting anything."""
+    if settings.model == DEMO_MODEL_ID:
+        return f"{DEMO_MODEL_ID} (SmolLM2 HF folder under {settings.cache_dir or 'the default cache'}, converted on first start)"
+    return settings.model
+
+
+def resolve_model_location(settings: Settings) -> str:
+    """The model argument for vLLM; converts the demo model on first use (slow, logged)."""
+    if settings.model != DEMO_MODEL_ID:
+        return settings.model
+    from lnarize_serve.demo_model import ensure_demo_model
+
+    return str(ensure_demo_model(cache_dir=settings.cache_dir))
+
+
+@dataclass(frozen=True)
+class EngineHandle:
+    engine: AsyncLLM
+    load_seconds: float
+
+
+def prepare_engine_args(settings: Settings) -> AsyncEngineArgs:
+    check_kvtc_supported(settings)
+    return build_engine_args(settings, resolve_model_location(settings))
+
+
+def start_engine(engine_args: AsyncEngineArgs) -> EngineHandle:
+    """Build the AsyncLLM (blocking: loads weights, profiles memory, may compile)."""
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    started = time.monotonic()
+    vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    engine = AsyncLLM.from_vllm_config(
+        vllm_config=vllm_config,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        enable_log_requests=engine_args.enable_log_requests,
+        disable_log_stats=engine_args.disable_log_stats,
+    )
+    return EngineHandle(engine=engine, load_seconds=time.monotonic() - started)

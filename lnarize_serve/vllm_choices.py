@@ -1,0 +1,28 @@
+"""Allowed values that vLLM itself defines, looked up lazily (importing vLLM is slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+from typing import get_args
+
+
+@cache
+def quantization_methods() -> tuple[str, ...]:
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    return tuple(QUANTIZATION_METHODS)
+
+
+@cache
+def kv_cache_dtypes() -> tuple[str, ...]:
+    from vllm.config.cache import CacheDType
+
+    return tuple(get_args(CacheDType))
+
+
+@cache
+def engine_arg_names() -> frozenset[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs) if not f.name.startswith("_"))
