@@ -33,7 +33,9 @@ def check_kvtc_supported(settings: Settings) -> None:
 def model_location_preview(settings: Settings) -> str:
     """Where the model will be loaded from, without downloading or converting anything."""
     if settings.model == DEMO_MODEL_ID:
-        return f"{DEMO_MODEL_ID} (SmolLM2 HF folder under {settings.cache_dir or 'the default cache'}, converted on first start)"
+        from lnarize_serve.demo_model import demo_model_dir
+
+        return str(demo_model_dir(settings.cache_dir))
     return settings.model
 
 

@@ -189,6 +189,24 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown KV cache dtype {value!r}; allowed: {', '.join(allowed)}")
         return value
 
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_tool_call_parser(cls, value: str | None) -> str | None:
+        from lnarize_serve.vllm_choices import tool_call_parsers
+
+        if value is not None and value not in tool_call_parsers():
+            raise ValueError(f"unknown tool-call parser {value!r}; allowed: none, {', '.join(tool_call_parsers())}")
+        return value
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _known_reasoning_parser(cls, value: str | None) -> str | None:
+        from lnarize_serve.vllm_choices import reasoning_parsers
+
+        if value is not None and value not in reasoning_parsers():
+            raise ValueError(f"unknown reasoning parser {value!r}; allowed: none, {', '.join(reasoning_parsers())}")
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:

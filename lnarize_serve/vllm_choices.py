@@ -26,3 +26,17 @@ def engine_arg_names() -> frozenset[str]:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs) if not f.name.startswith("_"))
+
+
+@cache
+def tool_call_parsers() -> tuple[str, ...]:
+    from vllm.tool_parsers import ToolParserManager
+
+    return tuple(ToolParserManager.list_registered())
+
+
+@cache
+def reasoning_parsers() -> tuple[str, ...]:
+    from vllm.reasoning import ReasoningParserManager
+
+    return tuple(ReasoningParserManager.list_registered())

@@ -1,0 +1,64 @@
+"""The server's life phases and in-flight request accounting (one instance per app)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+
+
+class Phase(str, enum.Enum):
+    LOADING = "loading"  # HTTP is up, the engine is being built
+    WARMING = "warming"  # engine built, the warm-up generation is running
+    READY = "ready"  # a real generation succeeded; serving traffic
+    DRAINING = "draining"  # SIGTERM received: no new work, in-flight requests finish
+    DEAD = "dead"  # the engine died after it was ready
+    FAILED = "failed"  # the engine could not be built or warmed up
+
+
+# Phases in which the process should be restarted by its supervisor.
+FATAL_PHASES = frozenset({Phase.DEAD, Phase.FAILED})
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.phase = Phase.LOADING
+        self.detail = "starting the engine"
+        self.started_at = time.monotonic()
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # Phase -------------------------------------------------------------------
+
+    def enter(self, phase: Phase, detail: str = "") -> None:
+        self.phase = phase
+        self.detail = detail
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    @property
+    def alive(self) -> bool:
+        return self.phase not in FATAL_PHASES
+
+    # In-flight accounting (requests admitted to /v1/*) -----------------------
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True if every admitted request finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout)
+            return True
+        except TimeoutError:
+            return False

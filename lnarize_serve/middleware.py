@@ -1,0 +1,209 @@
+"""Pure ASGI middleware (streaming-safe, disconnects pass straight through).
+
+Order, outermost first (see app.create_app): request accounting -> internal
+error shield -> API key -> body size limit -> admission (readiness + in-flight).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lnarize_serve.errors import error_body, internal_error_response
+from lnarize_serve.health import RETRY_AFTER_SECONDS
+from lnarize_serve.lifecycle import Phase
+
+logger = logging.getLogger("lnarize_serve.middleware")
+
+
+def is_api_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+async def send_json_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(status, message)).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestAccountingMiddleware:
+    """Counts every HTTP request by route and final status (lnarize_requests_total)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            scope["app"].state.metrics.observe_request(scope["path"], status, time.monotonic() - started)
+
+
+class InternalErrorShieldMiddleware:
+    """No 500 leaves the server with internals in it: the body is replaced by a
+    generic message carrying an error id, and the original goes to the log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+        swallowing = False
+        swallowed: list[bytes] = []
+
+        async def shielded_send(message: Message) -> None:
+            nonlocal response_started, swallowing
+            if message["type"] == "http.response.start":
+                response_started = True
+                if message["status"] == 500:
+                    swallowing = True
+                    return
+            if swallowing and message["type"] == "http.response.body":
+                swallowed.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await _send_generic_500(send, b"".join(swallowed))
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, shielded_send)
+        except Exception as exc:
+            if response_started and not swallowing:
+                # Headers already went out (a stream broke midway): nothing
+                # more can be said over HTTP; log and close the connection.
+                logger.exception("request failed after its response started: %s %s", scope["method"], scope["path"])
+                return
+            response = internal_error_response(exc)
+            await response(scope, receive, send)
+
+
+async def _send_generic_500(send: Send, original_body: bytes) -> None:
+    response = internal_error_response(detail=original_body[:2000].decode("utf-8", "replace"))
+    await send({"type": "http.response.start", "status": 500, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+class ApiKeyMiddleware:
+    """Requires ``Authorization: Bearer <key>`` on /v1/*; probes and /metrics stay open."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_api_path(scope["path"]):
+            presented = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(presented, self.expected):
+                message = "Missing API key" if not presented else "Invalid API key"
+                await send_json_error(
+                    send, 401, f"{message}: send 'Authorization: Bearer <key>'.", {"WWW-Authenticate": "Bearer"}
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over the limit, by Content-Length or by counting the bytes.
+
+    The body of an accepted request is read here and replayed to the app in one
+    message; later receive() calls go to the client (so disconnects still reach
+    vLLM's cancellation logic)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body_sent = False
+
+        async def replay_receive() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay_receive, send)
+
+    async def _reject(self, send: Send) -> None:
+        await send_json_error(
+            send, 413, f"Request body too large: the limit is {self.max_bytes} bytes (LNARIZE_MAX_REQUEST_BYTES)."
+        )
+
+
+_NOT_READY_MESSAGES: dict[Phase, str] = {
+    Phase.LOADING: "The model is still loading; retry shortly.",
+    Phase.WARMING: "The model is warming up; retry shortly.",
+    Phase.DRAINING: "The server is shutting down and accepts no new requests.",
+    Phase.DEAD: "The inference engine has died; the server is restarting.",
+    Phase.FAILED: "The inference engine failed to start.",
+}
+
+
+class AdmissionMiddleware:
+    """Admits /v1/* only while ready (else 503 + Retry-After) and counts in-flight requests."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_api_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        state: Any = scope["app"].state
+        lifecycle = state.lifecycle
+        if not lifecycle.ready:
+            await send_json_error(
+                send, 503, _NOT_READY_MESSAGES.get(lifecycle.phase, "Not ready."), {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            )
+            return
+        lifecycle.request_started()
+        state.metrics.in_flight.set(lifecycle.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            lifecycle.request_finished()
+            state.metrics.in_flight.set(lifecycle.in_flight)

@@ -1,0 +1,150 @@
+"""Owns the engine for one app: background load, warm-up, watchdog, drain, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from lnarize_serve.engine import EngineHandle, prepare_engine_args, start_engine
+from lnarize_serve.lifecycle import FATAL_PHASES, Lifecycle, Phase
+from lnarize_serve.metrics import ServerMetrics
+from lnarize_serve.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+logger = logging.getLogger("lnarize_serve.runtime")
+
+# Exit codes the supervisor (Docker, Kubernetes) sees.
+EXIT_OK = 0
+EXIT_ENGINE_FAILED_TO_START = 1
+EXIT_ENGINE_DIED = 3
+# Let probes observe "dead" before the process goes away.
+DEAD_GRACE_SECONDS = 1.0
+WATCHDOG_INTERVAL_SECONDS = 0.25
+
+EngineStarter = Callable[["AsyncEngineArgs"], EngineHandle]
+
+
+class ServerRuntime:
+    def __init__(
+        self,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        metrics: ServerMetrics,
+        engine_starter: EngineStarter = start_engine,
+    ) -> None:
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.engine_starter = engine_starter
+        self.engine = None
+        self.exit_code = EXIT_OK
+        self.stopping = False
+        # Set by the HTTP server so the runtime can ask it to stop.
+        self.request_server_exit: Callable[[], None] = lambda: None
+        self._drain_task: asyncio.Task | None = None
+        # True while vLLM builds the engine in a worker thread (not interruptible).
+        self.engine_build_in_progress = False
+
+    def _enter(self, phase: Phase, detail: str = "") -> None:
+        self.lifecycle.enter(phase, detail)
+        self.metrics.set_phase(phase)
+        logger.info("phase=%s %s", phase.value, detail)
+
+    # Start-up ---------------------------------------------------------------------
+
+    async def load(self, app: FastAPI) -> None:
+        """Build the engine off the event loop (HTTP keeps answering), install
+        vLLM's serving classes, then prove a real generation works."""
+        from lnarize_serve.serving import install_openai_serving
+
+        try:
+            self._enter(Phase.LOADING, "preparing the model")
+            engine_args = await asyncio.to_thread(prepare_engine_args, self.settings)
+            self._enter(Phase.LOADING, f"building the vLLM engine for {engine_args.model}")
+            handle = await asyncio.to_thread(self._build_engine, engine_args)
+            self.engine = handle.engine
+            if self.stopping:
+                return
+            self.metrics.engine_load_seconds.set(handle.load_seconds)
+            logger.info("engine built in %.1f s", handle.load_seconds)
+            await install_openai_serving(app.state, self.engine, self.settings, engine_args)
+            self._enter(Phase.WARMING, "running a one-token warm-up generation")
+            warmup_seconds = await self._warm_up()
+            self.metrics.warmup_seconds.set(warmup_seconds)
+            if self.lifecycle.phase is Phase.WARMING:
+                self._enter(Phase.READY, f"engine {handle.load_seconds:.1f} s, warm-up {warmup_seconds:.2f} s")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure to start is fatal and must be visible
+            logger.exception("engine failed to start")
+            self._enter(Phase.FAILED, f"{type(exc).__name__}: {exc}")
+            self.exit_code = EXIT_ENGINE_FAILED_TO_START
+            self.request_server_exit()
+
+    def _build_engine(self, engine_args: AsyncEngineArgs) -> EngineHandle:
+        # The flag is cleared by the thread itself: cancelling the awaiting
+        # task does not stop this call.
+        self.engine_build_in_progress = True
+        try:
+            return self.engine_starter(engine_args)
+        finally:
+            self.engine_build_in_progress = False
+
+    async def _warm_up(self) -> float:
+        from vllm import SamplingParams
+
+        started = time.monotonic()
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        produced = 0
+        async for output in self.engine.generate("Hello", params, request_id=f"lnarize-warmup-{uuid.uuid4().hex}"):
+            produced = len(output.outputs[0].token_ids)
+        if produced < 1:
+            raise RuntimeError("warm-up generation produced no token")
+        return time.monotonic() - started
+
+    # Engine watchdog --------------------------------------------------------------
+
+    async def watch_engine(self) -> None:
+        """If the engine dies: liveness -> 503, then exit non-zero so the supervisor restarts us."""
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL_SECONDS)
+            engine = self.engine
+            if engine is None or self.stopping or self.lifecycle.phase in FATAL_PHASES:
+                continue
+            if engine.errored:
+                self._enter(Phase.DEAD, "the vLLM engine process died")
+                logger.error("vLLM engine died; exiting with code %d", EXIT_ENGINE_DIED)
+                self.exit_code = EXIT_ENGINE_DIED
+                await asyncio.sleep(DEAD_GRACE_SECONDS)
+                self.request_server_exit()
+                return
+
+    # Shutdown ---------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """SIGTERM: stop admitting at once, let in-flight requests finish, then stop."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        if self.lifecycle.phase not in FATAL_PHASES:
+            self._enter(Phase.DRAINING, f"draining {self.lifecycle.in_flight} in-flight request(s)")
+        timeout = self.settings.drain_timeout
+        if await self.lifecycle.wait_idle(timeout):
+            logger.info("drained; stopping")
+        else:
+            logger.warning("drain timeout (%.0f s) hit with %d request(s) in flight; they will be cut", timeout, self.lifecycle.in_flight)
+        self.request_server_exit()
+
+    def shutdown_engine(self) -> None:
+        self.stopping = True
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,118 @@
+"""Run the app under uvicorn with our own signal handling (drain on SIGTERM, exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+
+from lnarize_serve.app import create_app
+from lnarize_serve.engine import check_kvtc_supported
+from lnarize_serve.runtime import ServerRuntime
+from lnarize_serve.settings import ConfigError, Settings
+
+logger = logging.getLogger("lnarize_serve.server")
+
+# After the drain, connections still open (idle keep-alives, requests past the
+# drain timeout) get this long before uvicorn cancels them.
+FINAL_CLOSE_SECONDS = 3.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM/SIGINT start a drain instead of an immediate stop.
+
+    uvicorn's own handler would re-raise the signal after shutdown, turning a
+    clean drain into exit status 143; ours never re-raises.
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: ServerRuntime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        runtime.request_server_exit = self._request_exit
+        self._signals_seen = 0
+
+    def _request_exit(self) -> None:
+        self.should_exit = True
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals_seen += 1
+        if self._signals_seen == 1:
+            logger.info("received %s: draining (up to %.0f s)", sig.name, self.runtime.settings.drain_timeout)
+            self.runtime.begin_drain()
+        else:
+            logger.warning("received %s again: stopping now", sig.name)
+            self.should_exit = True
+            self.force_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        handled = (signal.SIGTERM, signal.SIGINT)
+        for sig in handled:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("lnarize_serve").setLevel(level.upper())
+
+
+def serve(settings: Settings) -> int:
+    """Run until drained, dead or failed; returns the process exit code."""
+    configure_logging(settings.log_level)
+    try:
+        check_kvtc_supported(settings)
+    except ConfigError as exc:
+        print(f"lnarize-serve: configuration error\n{exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    runtime: ServerRuntime = app.state.runtime
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=FINAL_CLOSE_SECONDS,
+        # vLLM's OpenAI routes stream; no per-response buffering anywhere.
+        access_log=settings.log_level == "debug",
+    )
+    server = DrainingServer(config, runtime)
+    logger.info("listening on http://%s:%d (profile %s)", settings.host, settings.port, settings.profile)
+    asyncio.run(server.serve())
+    if runtime.engine_build_in_progress:
+        _exit_during_engine_build(runtime.exit_code)
+    return runtime.exit_code
+
+
+def _exit_during_engine_build(exit_code: int) -> None:
+    """Stopped while vLLM was still building the engine in a worker thread.
+
+    That call cannot be interrupted and the interpreter would wait for it at
+    exit, so stop the engine processes we spawned and leave at once.
+    """
+    import multiprocessing
+    import os
+
+    logger.info("stopping while the engine was still loading; terminating engine processes")
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=5)
+    logging.shutdown()
+    os._exit(exit_code)

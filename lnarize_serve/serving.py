@@ -1,0 +1,73 @@
+"""vLLM's own OpenAI serving stack mounted in our app (no hand-written protocol).
+
+Routes come from vLLM's routers; they look their handler objects up on
+``app.state`` per request, so they are registered at app creation and the
+handlers are installed once the engine exists (``install_openai_serving``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from lnarize_serve.settings import Settings
+
+if TYPE_CHECKING:
+    from starlette.datastructures import State
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
+def mount_openai_routes(app: FastAPI) -> None:
+    from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
+    from vllm.entrypoints.openai.completion.api_router import router as completion_router
+    from vllm.entrypoints.openai.models.api_router import router as models_router
+
+    for router in (chat_router, completion_router, models_router):
+        for route in router.routes:
+            # Only the three public endpoints (vLLM's chat router also carries
+            # an experimental batch route).
+            if getattr(route, "path", None) in OPENAI_ROUTES:
+                app.router.routes.append(route)
+
+
+def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.Namespace:
+    """The argparse namespace vLLM's serving classes read, as `vllm serve` would build it.
+
+    Starts from vLLM's own parser defaults (so every frontend option exists),
+    then mirrors our engine arguments and frontend settings into it.
+    """
+    import dataclasses
+
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    namespace = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+    for field in dataclasses.fields(engine_args):
+        if not field.name.startswith("_"):
+            setattr(namespace, field.name, getattr(engine_args, field.name))
+    namespace.served_model_name = [settings.effective_served_model_name]
+    namespace.tool_call_parser = settings.tool_call_parser
+    namespace.enable_auto_tool_choice = settings.enable_auto_tool_choice
+    namespace.enable_log_requests = False
+    namespace.disable_log_stats = False
+    namespace.log_error_stack = settings.log_level == "debug"
+    # Usage in every final streaming chunk only when the client asks for it
+    # (stream_options.include_usage), as in OpenAI's API.
+    namespace.enable_force_include_usage = False
+    validate_parsed_serve_args(namespace)
+    return namespace
+
+
+async def install_openai_serving(
+    state: State, engine: AsyncLLM, settings: Settings, engine_args: AsyncEngineArgs
+) -> None:
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+    namespace = frontend_args(settings, engine_args)
+    supported_tasks = await engine.get_supported_tasks()
+    await init_app_state(engine, state, namespace, supported_tasks)

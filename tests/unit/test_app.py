@@ -1,0 +1,181 @@
+"""The HTTP app before and around the engine: probes, admission, auth, limits, errors, metrics.
+
+These tests never build a real engine: the engine starter either blocks (the
+app is genuinely in its loading phase, as during a real 30 s load) or raises
+(an engine that cannot be built). Everything past loading is covered end to
+end on the real CPU engine in tests/e2e.
+"""
+
+import os
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lnarize_serve.app import create_app
+from lnarize_serve.lifecycle import Phase
+from lnarize_serve.runtime import EXIT_ENGINE_FAILED_TO_START
+from lnarize_serve.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.upper().startswith("LNARIZE_"):
+            monkeypatch.delenv(key)
+    # Demo profile: resolving the model is then local (no hub access).
+    monkeypatch.setenv("LNARIZE_PROFILE", "cpu-demo")
+
+
+class BlockingStarter:
+    """Holds the app in its loading phase until released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def __call__(self, engine_args):
+        self.release.wait(timeout=60)
+        raise RuntimeError("released by the test")
+
+
+@pytest.fixture
+def loading_app(monkeypatch):
+    # Skip the demo model conversion: the starter never uses the location.
+    monkeypatch.setattr("lnarize_serve.engine.resolve_model_location", lambda settings: "/nonexistent/model")
+
+    def make(**env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        starter = BlockingStarter()
+        app = create_app(load_settings(), engine_starter=starter)
+        return app, starter
+
+    return make
+
+
+@pytest.fixture
+def client_of():
+    opened = []
+
+    def open_client(app, starter):
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        opened.append((client, starter))
+        return client
+
+    yield open_client
+    for client, starter in opened:
+        starter.release.set()
+        client.__exit__(None, None, None)
+
+
+def test_probes_while_loading(loading_app, client_of):
+    app, starter = loading_app()
+    client = client_of(app, starter)
+    live = client.get("/health/live")
+    assert live.status_code == 200 and live.json()["status"] == "alive"
+    for path in ("/health/ready", "/health"):
+        ready = client.get(path)
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "not_ready"
+        assert ready.json()["phase"] == "loading"
+        assert ready.headers["retry-after"].isdigit()
+
+
+def test_api_is_503_with_retry_after_while_loading(loading_app, client_of):
+    app, starter = loading_app()
+    client = client_of(app, starter)
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+        response = client.request(method, path, json={"model": "x", "messages": []})
+        assert response.status_code == 503
+        assert response.headers["retry-after"].isdigit()
+        error = response.json()["error"]
+        assert error["type"] == "ServiceUnavailableError" and error["code"] == 503
+        assert "loading" in error["message"]
+
+
+def test_api_key_guards_v1_only(loading_app, client_of):
+    app, starter = loading_app(LNARIZE_API_KEY="sk-test")
+    client = client_of(app, starter)
+    missing = client.get("/v1/models")
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "AuthenticationError"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert "sk-test" not in wrong.text
+    # With the right key the request passes auth and meets the readiness gate.
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-test"}).status_code == 503
+    assert client.get("/health/live").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_body_over_the_limit_is_413(loading_app, client_of):
+    app, starter = loading_app(LNARIZE_MAX_REQUEST_BYTES="2048")
+    client = client_of(app, starter)
+    big = b'{"model": "x", "prompt": "' + b"a" * 4096 + b'"}'
+    declared = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413
+    assert declared.json()["error"]["type"] == "RequestTooLargeError"
+
+    def chunks():  # no Content-Length: the limit is enforced by counting
+        for _ in range(8):
+            yield b"a" * 512
+
+    streamed = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_unknown_route_is_openai_shaped_404(loading_app, client_of):
+    app, starter = loading_app()
+    client = client_of(app, starter)
+    response = client.get("/nope")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "NotFoundError"
+
+
+def test_unexpected_errors_leak_nothing(loading_app, client_of):
+    app, starter = loading_app()
+
+    async def explode():
+        raise RuntimeError("secret detail at /srv/internal/path.py")
+
+    app.add_api_route("/explode", explode)
+    client = client_of(app, starter)
+    response = client.get("/explode")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "InternalServerError"
+    assert "secret" not in response.text and "/srv" not in response.text
+    assert "error_id=" in error["message"]
+
+
+def test_metrics_while_loading(loading_app, client_of):
+    app, starter = loading_app()
+    client = client_of(app, starter)
+    client.get("/health/ready")
+    text = client.get("/metrics").text
+    assert "lnarize_ready 0.0" in text
+    assert 'lnarize_phase{phase="loading"} 1.0' in text
+    assert "lnarize_build_info{" in text
+    assert 'lnarize_settings_info{' in text and 'profile="cpu-demo"' in text
+    assert 'lnarize_requests_total{route="/health/ready",status="503"}' in text
+    assert "lnarize_engine_load_seconds 0.0" in text
+
+
+def test_engine_that_cannot_be_built_fails_liveness(monkeypatch):
+    monkeypatch.setattr("lnarize_serve.engine.resolve_model_location", lambda settings: "/nonexistent/model")
+
+    def broken_starter(engine_args):
+        raise RuntimeError("no such model")
+
+    app = create_app(load_settings(), engine_starter=broken_starter)
+    with TestClient(app) as client:
+        for _ in range(100):
+            if app.state.lifecycle.phase is Phase.FAILED:
+                break
+            threading.Event().wait(0.05)
+        assert app.state.lifecycle.phase is Phase.FAILED
+        assert client.get("/health/live").status_code == 503
+        assert client.get("/health/ready").json()["phase"] == "failed"
+    assert app.state.runtime.exit_code == EXIT_ENGINE_FAILED_TO_START
