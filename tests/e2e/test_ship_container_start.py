@@ -1,0 +1,139 @@
+"""The container's start path, run for real on the CPU demo (no Docker engine needed).
+
+entrypoint.sh (GPU check skipped, as documented for CPU use) execs the real
+server; the Dockerfile's own HEALTHCHECK command reports not-ready while the
+engine loads and ready afterwards; the official openai client gets an answer;
+SIGTERM to the process Docker would signal drains and exits 0. The token file
+never shows up in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "hf_containerStartToken9876543210"
+READY_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dockerfile_healthcheck_command() -> list[str]:
+    """The HEALTHCHECK CMD array exactly as the Dockerfile has it (continuation lines joined)."""
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK .*? CMD (\[.*\])\s*$", text, re.M)
+    command = json.loads(match.group(1))
+    assert command[0] == "python3"
+    return [sys.executable, *command[1:]]
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def container_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("container")
+    token_file = tmp / "hf_token"
+    token_file.write_text(TOKEN + "\n")
+    port = free_port()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("LNARIZE_") and key not in ("HF_TOKEN", "HF_TOKEN_PATH")
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        ENTRYPOINT_SKIP_GPU_CHECK="1",
+        LNARIZE_PROFILE="cpu-demo",
+        LNARIZE_PORT=str(port),
+        LNARIZE_DRAIN_TIMEOUT="10",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HOME=str(tmp / "hf"),
+        VLLM_CACHE_ROOT=str(tmp / "vllm"),
+        HF_TOKEN_PATH=str(token_file),
+    )
+    log_path = tmp / "container.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(REPO_ROOT / "entrypoint.sh")], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
+        )
+    started = time.monotonic()
+    try:
+        yield {"process": process, "port": port, "log": log_path, "env": env, "started": started}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_container_start_ready_answer_and_sigterm(container_process) -> None:
+    process, port = container_process["process"], container_process["port"]
+    base = f"http://127.0.0.1:{port}"
+    healthcheck = dockerfile_healthcheck_command()
+    env = {"LNARIZE_PORT": str(port)}
+
+    # The pid Docker would signal is the server itself: the script exec'd it.
+    deadline = time.monotonic() + 60
+    while http_status(f"{base}/health/live") != 200:
+        assert process.poll() is None, container_process["log"].read_text()
+        assert time.monotonic() < deadline, "server never started listening"
+        time.sleep(0.5)
+    cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+    assert any(part.endswith(b"lnarize-serve") for part in cmdline), cmdline
+
+    # While the engine loads, the HEALTHCHECK fails (ready still 503 afterwards,
+    # so it was 503 while the check ran: readiness only ever goes loading -> ready).
+    if subprocess.run(healthcheck, env=env, capture_output=True, timeout=30).returncode != 0:
+        assert http_status(f"{base}/health/ready") in (503, 200)
+    else:
+        pytest.fail("HEALTHCHECK passed before /health/ready could have been checked as loading")
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while subprocess.run(healthcheck, env=env, capture_output=True, timeout=30).returncode != 0:
+        assert process.poll() is None, container_process["log"].read_text()[-4000:]
+        assert time.monotonic() < deadline, "not ready in time:\n" + container_process["log"].read_text()[-4000:]
+        time.sleep(1)
+    ready_after = time.monotonic() - container_process["started"]
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=24,
+    )
+    assert "Paris" in reply.choices[0].message.content
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    log = container_process["log"].read_text()
+    assert "entrypoint: GPU check skipped (ENTRYPOINT_SKIP_GPU_CHECK=1)" in log
+    assert "Hugging Face token: read from" in log and TOKEN not in log
+    print(f"ready after {ready_after:.1f} s; answer: {reply.choices[0].message.content!r}")
