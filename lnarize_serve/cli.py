@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lnarize_serve.cli_commands:configure_serve", "Start the OpenAI-compatible server (the default)."),
     "config": ("lnarize_serve.cli_commands:configure_config", "Print the effective settings and vLLM engine arguments, then exit."),
     "version": ("lnarize_serve.cli_commands:configure_version", "Print lnarize-serve, vLLM, torch and Python versions."),
+    "bench": ("lnarize_serve.bench.cli:configure", "Load-test an OpenAI-compatible server; `bench compare`: vs plain vLLM."),
 }
 DEFAULT_SUBCOMMAND = "serve"
 
