@@ -76,7 +76,10 @@ class KVTCAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_name() -> str:
-        return "KVTC"
+        # vLLM maps the name back to the registry slot this class occupies.
+        from vllm.platforms import current_platform
+
+        return "CPU_ATTN" if current_platform.is_cpu() else "CUSTOM"
 
     @staticmethod
     def get_impl_cls() -> type[KVTCAttentionImpl]:
