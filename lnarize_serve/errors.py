@@ -80,6 +80,9 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
         if not isinstance(error, dict):
             lines.append(str(error))
             continue
+        if error.get("type") == "json_invalid":
+            lines.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})")
+            continue
         where = _location(error.get("loc"))
         if first_param is None and where:
             first_param = where.removeprefix("body.")

@@ -69,6 +69,8 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("lnarize_serve").setLevel(level.upper())
+    # vLLM configures its own "vllm" logger when first imported; follow our level.
+    logging.getLogger("vllm").setLevel(level.upper())
 
 
 def serve(settings: Settings) -> int:

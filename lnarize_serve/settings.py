@@ -117,7 +117,9 @@ class Settings(BaseSettings):
     enable_auto_tool_choice: bool = Field(True, description="Allow tool_choice='auto' (needs a tool-call parser).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     cache_dir: Path | None = Field(
-        None, description="Download/cache directory for model files and the demo model (default: the Hugging Face cache)."
+        None,
+        description="Cache root: hub downloads go to <dir>/hub, the converted demo model to <dir>/models "
+        "(default: the Hugging Face cache, and ~/.cache/lnarize for the demo model).",
     )
     log_level: LogLevel = Field("info", description="Log level of the server and vLLM.")
     drain_timeout: float = Field(

@@ -36,3 +36,11 @@ def test_validation_message_accepts_plain_strings():
 def test_generic_500_message_carries_only_an_id():
     text = GENERIC_500_MESSAGE.format(error_id="abc123")
     assert "abc123" in text and "Traceback" not in text
+
+
+def test_invalid_json_names_no_bogus_parameter():
+    message, param = validation_message(
+        [{"type": "json_invalid", "loc": ("body", 10), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}]
+    )
+    assert message == "the body is not valid JSON (Expecting value)"
+    assert param is None

@@ -1,0 +1,86 @@
+"""The lnarize-serve command line: subcommands, generated flags, config output."""
+
+import json
+import os
+
+import pytest
+
+from lnarize_serve import cli
+from lnarize_serve.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.upper().startswith("LNARIZE_"):
+            monkeypatch.delenv(key)
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_config_with_no_env_shows_the_production_engine(capsys):
+    code, out, _ = run_cli(capsys, "config", "--json")
+    assert code == 0
+    config = json.loads(out)
+    engine = config["vllm_engine_args"]
+    assert engine["quantization"] == "modelopt_fp4"
+    assert engine["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 3}
+    assert engine["enforce_eager"] is False
+    assert config["engine"]["cuda_graphs"] == "on"
+    assert config["settings"]["LNARIZE_PROFILE"] == "interactive"
+
+
+def test_config_text_masks_the_api_key(capsys, monkeypatch):
+    monkeypatch.setenv("LNARIZE_API_KEY", "sk-secret-value")
+    code, out, _ = run_cli(capsys, "config")
+    assert code == 0
+    assert "LNARIZE_API_KEY=****" in out
+    assert "sk-secret-value" not in out
+    assert "LNARIZE_ENFORCE_EAGER=false" in out
+
+
+def test_flags_override_env_and_are_validated(capsys, monkeypatch):
+    monkeypatch.setenv("LNARIZE_MAX_NUM_SEQS", "8")
+    code, out, _ = run_cli(capsys, "config", "--json", "--max-num-seqs", "3", "--no-enable-prefix-caching")
+    config = json.loads(out)
+    assert config["vllm_engine_args"]["max_num_seqs"] == 3
+    assert config["vllm_engine_args"]["enable_prefix_caching"] is False
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["config", "--max-num-seqs", "0"])
+    assert caught.value.code == 2
+    assert "LNARIZE_MAX_NUM_SEQS" in capsys.readouterr().err
+
+
+def test_every_setting_has_a_flag_with_its_description(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, field in Settings.model_fields.items():
+        assert "--" + name.replace("_", "-") in help_text, name
+        assert f"env LNARIZE_{name.upper()}" in help_text, name
+
+
+def test_kvtc_enable_is_refused_with_a_clear_message(capsys, monkeypatch):
+    monkeypatch.setenv("LNARIZE_KVTC_ENABLE", "1")
+    code, _, err = run_cli(capsys, "config")
+    assert code == 2
+    assert "LNARIZE_KVTC_ENABLE" in err and "not available in this build" in err
+
+
+def test_version_and_help_and_unknown(capsys):
+    code, out, _ = run_cli(capsys, "version")
+    assert code == 0 and "lnarize-serve" in out and "vllm 0.32.0" in out
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and all(name in out for name in cli.SUBCOMMANDS)
+    code, _, err = run_cli(capsys, "frobnicate")
+    assert code == 2 and "unknown subcommand" in err
+
+
+def test_registry_entries_resolve():
+    for name in cli.SUBCOMMANDS:
+        parser = cli.build_parser(name)
+        assert parser.prog == f"lnarize-serve {name}"
