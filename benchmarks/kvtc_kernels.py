@@ -1,0 +1,467 @@
+"""KVTC GPU kernels: correctness at GPU sizes, then decode-attention and
+compress-on-write timings against dense bf16 / fp8 paged decode and torch
+SDPA, with byte counts and the measured-bandwidth floor. One run does it all:
+
+    PYTHONUNBUFFERED=1 python benchmarks/kvtc_kernels.py --out $OUT [--quick]
+
+Prints a table last; writes kvtc_kernels.json and kvtc_kernels.png to --out.
+Shape: Qwen3.6-27B full attention (24 query heads, 4 KV heads, head_dim 256),
+KVTC K2V4 (64 + 128 = 192 bytes per token per KV head; bf16 1024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paged_dense_decode import dense_paged_decode  # noqa: E402
+
+from lnarize_serve.kvtc.attention import attention_on_slots, dense_attention  # noqa: E402
+from lnarize_serve.kvtc.bitpack import bit_offsets  # noqa: E402
+from lnarize_serve.kvtc.codec import KindCodec, LayerCodec, encode_kv  # noqa: E402
+from lnarize_serve.kvtc.fit import random_layer_codec, sample_from_statistics  # noqa: E402
+from lnarize_serve.kvtc.kernels import (decode_attention, default_num_splits,  # noqa: E402
+                                        prepare_layer_tables, write_slots)
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 24, 4, 256
+SCALE = HEAD_DIM ** -0.5
+# KVTC_BENCH_DEVICE=cpu (with TRITON_INTERPRET=1) runs the script's Python paths on
+# tiny sizes through Triton's interpreter, to catch bugs before spending GPU time.
+DEV = os.environ.get("KVTC_BENCH_DEVICE", "cuda")
+
+
+# ---------------------------------------------------------------- utilities
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Timer:
+    """Median of CUDA-graph replays, L2 flushed before each (cold cache, as a
+    decode step that streamed other layers' weights in between would see)."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+        self.flush = torch.empty(256 * 1024 * 1024 if DEV == "cuda" else 1, dtype=torch.uint8,
+                                 device=DEV)
+
+    def __call__(self, fn) -> float:
+        if DEV == "cpu":
+            fn()
+            return float("nan")
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        del graph
+        return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median)."""
+    if DEV == "cpu":
+        return float("nan")
+    src = torch.randn(512 * 1024 * 1024 // 4, device=DEV)  # 512 MiB... x2 below
+    src = torch.cat([src, src])
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    t = statistics.median(times[3:]) / 1e3
+    bw = 2 * src.numel() * 4 / t
+    del src, dst
+    return bw
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def paged_layout(seq_lens: list[int], block_size: int, generator: torch.Generator):
+    """Random (fragmented) block tables for the given lengths."""
+    blocks_per = [math.ceil(n / block_size) for n in seq_lens]
+    total = sum(blocks_per)
+    perm = torch.randperm(total, generator=generator)
+    table = torch.zeros(len(seq_lens), max(blocks_per), dtype=torch.int32)
+    used = 0
+    for b, nb in enumerate(blocks_per):
+        table[b, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+    return table.to(DEV), total
+
+
+def slot_mapping_for(table: torch.Tensor, seq: int, length: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(length, device=DEV)
+    return table[seq, pos // block_size].long() * block_size + pos % block_size
+
+
+def prefix_offset_codec(layer: LayerCodec) -> LayerCodec:
+    """The same calibration with prefix-sum offsets (codes straddle words):
+    the kernels' general (slower) path."""
+    def repack(part: KindCodec) -> KindCodec:
+        order = torch.argsort(part.bits, dim=1, descending=True, stable=True)
+        pick = lambda t: torch.gather(t, 1, order)  # noqa: E731
+        bits = pick(part.bits)
+        basis = torch.gather(part.basis, 1, order[..., None].expand_as(part.basis))
+        return KindCodec(part.mean, basis, bits, pick(part.scale), pick(part.zero),
+                         bit_offsets(bits) * (bits > 0), part.num_bytes)
+    return LayerCodec(repack(layer.keys), repack(layer.values))
+
+
+# ------------------------------------------------------------- correctness
+def check_write(layer, stats, tables, results, num_tokens: int, block_size: int, gen) -> None:
+    """write_slots vs the reference encoder, byte for byte, poisoned cache."""
+    k = sample_from_statistics(stats["keys"], num_tokens, gen).to(DEV, torch.bfloat16)
+    v = sample_from_statistics(stats["values"], num_tokens, gen).to(DEV, torch.bfloat16)
+    num_blocks = math.ceil(num_tokens / block_size) + 2
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(DEV)
+    slots[::97] = -1  # vLLM's padding slots: must be skipped
+    cache = torch.full((num_blocks, KV_HEADS, block_size, layer.slot_bytes), 0xA5,
+                       dtype=torch.uint8, device=DEV)
+    write_slots(k, v, slots, cache, tables)
+    expect = torch.full_like(cache, 0xA5)
+    keep = slots >= 0
+    ref = encode_kv(k[keep].float(), v[keep].float(), layer)
+    s = slots[keep]
+    expect[s // block_size, :, s % block_size] = ref
+    mismatched = int((cache != expect).sum())
+    # a different fp32 summation order may flip a code sitting exactly on a
+    # rounding boundary; anything beyond a handful of bytes is a bug
+    ok = mismatched <= max(8, cache.numel() // 1_000_000)
+    results.append({"check": f"write {num_tokens} tok bs{block_size}", "mismatched_bytes": mismatched,
+                    "ok": ok})
+    log(f"check write N={num_tokens} bs={block_size}: {mismatched} mismatched bytes -> {'OK' if ok else 'FAIL'}")
+
+
+def check_decode(layer, stats, tables, results, seq_lens, nqs, block_size, gen, data: str,
+                 label: str, num_splits=None, tol: float = 1e-2) -> None:
+    table, total_blocks = paged_layout(seq_lens, block_size, gen)
+    cache = torch.full((total_blocks, KV_HEADS, block_size, layer.slot_bytes), 0x5A,
+                       dtype=torch.uint8, device=DEV)
+    for b, n in enumerate(seq_lens):
+        if data == "calibrated":
+            k = sample_from_statistics(stats["keys"], n, gen)
+            v = sample_from_statistics(stats["values"], n, gen)
+        else:  # off-distribution: heavy tails, clamped codes
+            k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen) * 2.0
+            v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen).pow(3)
+        write_slots(k.to(DEV), v.to(DEV), slot_mapping_for(table, b, n, block_size), cache, tables)
+    qsl = torch.tensor([0] + list(torch.tensor(nqs).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = (torch.randn(int(qsl[-1]), Q_HEADS, HEAD_DIM, generator=gen) * 1.5).to(DEV, torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    out = torch.full((q.shape[0], Q_HEADS, HEAD_DIM), float("nan"), dtype=torch.float32, device=DEV)
+    out, lse = decode_attention(q, cache, table, lens, qsl, tables, SCALE, max(nqs), max(seq_lens),
+                                num_splits=num_splits, out=out, return_lse=True)
+    sync()
+    ref = attention_on_slots(q.float(), cache, table, lens, qsl, layer, SCALE)
+    err = rel_err(out, ref)
+    finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+    ok = finite and err < tol
+    results.append({"check": label, "rel_err": err, "finite": finite, "ok": ok})
+    log(f"check {label}: rel err {err:.2e} finite={finite} -> {'OK' if ok else 'FAIL'}")
+    del cache, ref
+
+
+def check_dense_baseline(results, gen) -> None:
+    """The bf16 Triton baseline against plain attention (so its times count)."""
+    seq_lens, nqs, block_size = [700, 33, 2048], [1, 3, 4], 16
+    table, total_blocks = paged_layout(seq_lens, block_size, gen)
+    kc = torch.randn(total_blocks, KV_HEADS, block_size, HEAD_DIM, generator=gen).to(DEV, torch.bfloat16)
+    vc = torch.randn(total_blocks, KV_HEADS, block_size, HEAD_DIM, generator=gen).to(DEV, torch.bfloat16)
+    qsl = torch.tensor([0] + list(torch.tensor(nqs).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = torch.randn(int(qsl[-1]), Q_HEADS, HEAD_DIM, generator=gen).to(DEV, torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    out = dense_paged_decode(q, kc, vc, table, lens, qsl, SCALE, 4, max(seq_lens), num_splits=5)
+    keys, values = [], []
+    for b, n in enumerate(seq_lens):
+        pos = torch.arange(n, device=DEV)
+        blk = table[b, pos // block_size].long()
+        keys.append(kc[blk, :, pos % block_size].float())
+        values.append(vc[blk, :, pos % block_size].float())
+    ref = dense_attention(q.float(), keys, values, qsl, SCALE)
+    err = rel_err(out, ref)
+    ok = err < 1e-2
+    results.append({"check": "dense bf16 baseline", "rel_err": err, "ok": ok})
+    log(f"check dense bf16 baseline: rel err {err:.2e} -> {'OK' if ok else 'FAIL'}")
+
+
+# ------------------------------------------------------------------ timing
+def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_cfg, gen):
+    lens_list = [ctx] * batch
+    table, total_blocks = paged_layout(lens_list, block_size, gen)
+    lens = torch.tensor(lens_list, dtype=torch.int32, device=DEV)
+    qsl = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * nq
+    q = torch.randn(batch * nq, Q_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+    row = {"batch": batch, "context": ctx, "q_tokens": nq}
+    tokens = batch * ctx
+    q_out_bytes = 2 * q.numel() * 2
+
+    # KVTC: random code bytes are valid slots (every bit pattern decodes)
+    cache = torch.randint(0, 256, (total_blocks, KV_HEADS, block_size, layer.slot_bytes),
+                          dtype=torch.uint8, device=DEV)
+    splits = default_num_splits(batch, KV_HEADS, ctx, kvtc_cfg["block_t"])
+    fn = lambda: decode_attention(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,  # noqa: E731
+                                  num_splits=splits, **kvtc_cfg)
+    table_bytes = 4 * KV_HEADS * HEAD_DIM * (int((layer.keys.bits > 0).sum(1).max())
+                                             + int((layer.values.bits > 0).sum(1).max()) + 2)
+    kvtc_bytes = tokens * KV_HEADS * layer.slot_bytes + q_out_bytes + table_bytes
+    row["kvtc_ms"] = timer(fn)
+    row["kvtc_bytes"] = kvtc_bytes
+    row["kvtc_floor_ms"] = kvtc_bytes / copy_bw * 1e3
+    del cache
+
+    dense_splits = splits
+    kc = torch.randn(total_blocks, KV_HEADS, block_size, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    fn = lambda: dense_paged_decode(q, kc, vc, table, lens, qsl, SCALE, nq, ctx,  # noqa: E731
+                                    num_splits=dense_splits)
+    bf16_bytes = tokens * KV_HEADS * HEAD_DIM * 2 * 2 + q_out_bytes
+    row["bf16_triton_ms"] = timer(fn)
+    row["bf16_bytes"] = bf16_bytes
+    row["bf16_floor_ms"] = bf16_bytes / copy_bw * 1e3
+
+    k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    del kc, vc
+    fn = lambda: dense_paged_decode(q, k8, v8, table, lens, qsl, SCALE, nq, ctx,  # noqa: E731
+                                    num_splits=dense_splits)
+    fp8_bytes = tokens * KV_HEADS * HEAD_DIM * 2 + q_out_bytes
+    row["fp8_triton_ms"] = timer(fn)
+    row["fp8_floor_ms"] = fp8_bytes / copy_bw * 1e3
+    del k8, v8
+
+    # SDPA over an already gathered contiguous cache (gather not timed)
+    kg = torch.randn(batch, KV_HEADS, ctx, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+    vg = torch.randn_like(kg)
+    qg = q.view(batch, nq, Q_HEADS, HEAD_DIM).transpose(1, 2)
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, enable_gqa=True)  # noqa: E731
+    row["sdpa_ms"] = timer(fn)
+    del kg, vg
+    row["kvtc_frac_of_floor"] = row["kvtc_floor_ms"] / row["kvtc_ms"]
+    row["speedup_vs_bf16_triton"] = row["bf16_triton_ms"] / row["kvtc_ms"]
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["kvtc_ms"]
+    row["speedup_vs_bf16_floor"] = row["bf16_floor_ms"] / row["kvtc_ms"]
+    row["splits"] = splits
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def bench_write(timer, tables, layer, stats, sizes, gen) -> list[dict]:
+    rows = []
+    for n in sizes:
+        k = sample_from_statistics(stats["keys"], n, gen).to(DEV, torch.bfloat16)
+        v = sample_from_statistics(stats["values"], n, gen).to(DEV, torch.bfloat16)
+        block_size = 16
+        nb = math.ceil(n / block_size)
+        cache = torch.zeros(nb, KV_HEADS, block_size, layer.slot_bytes, dtype=torch.uint8, device=DEV)
+        slots = torch.randperm(nb * block_size, device=DEV)[:n]
+        ms = timer(lambda: write_slots(k, v, slots, cache, tables))
+        flops = 2 * n * KV_HEADS * HEAD_DIM * (tables.keys.columns + tables.values.columns)
+        rows.append({"tokens": n, "ms": ms, "tokens_per_s": n / ms * 1e3,
+                     "tflops_padded": flops / ms / 1e9})
+        log(f"write {n} tokens: {ms:.3f} ms, {n / ms * 1e3 / 1e6:.2f} M tok/s")
+    return rows
+
+
+def sweep_configs(timer, tables, layer, copy_bw, gen, quick: bool) -> dict:
+    """Pick the split kernel's tile/warps per query-token count."""
+    best = {}
+    for nq in (1, 4):
+        options = []
+        for block_t in (32, 64):
+            for warps in (4, 8):
+                for stages in ((2,) if quick else (2, 3)):
+                    cfg = {"block_t": block_t, "num_warps": warps, "num_stages": stages}
+                    try:
+                        row = bench_cell_kvtc_only(timer, tables, layer, 1, 65536, nq, cfg, gen)
+                    except Exception as exc:  # a config the compiler rejects (e.g. smem)
+                        log(f"config {cfg} nq={nq} failed: {type(exc).__name__}: {exc}"[:300])
+                        continue
+                    options.append((row, cfg))
+                    log(f"sweep nq={nq} {cfg}: {row:.4f} ms")
+        best[nq] = min(options, key=lambda o: o[0])[1]
+        log(f"best for nq={nq}: {best[nq]}")
+    return best
+
+
+def bench_cell_kvtc_only(timer, tables, layer, batch, ctx, nq, cfg, gen) -> float:
+    table, total_blocks = paged_layout([ctx] * batch, 16, gen)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    qsl = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * nq
+    q = torch.randn(batch * nq, Q_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+    cache = torch.randint(0, 256, (total_blocks, KV_HEADS, 16, layer.slot_bytes),
+                          dtype=torch.uint8, device=DEV)
+    splits = default_num_splits(batch, KV_HEADS, ctx, cfg["block_t"])
+    return timer(lambda: decode_attention(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,
+                                          num_splits=splits, **cfg))
+
+
+# -------------------------------------------------------------------- main
+def print_table(rows, copy_bw, gpu) -> None:
+    print()
+    print(f"KVTC decode attention, {gpu}, copy bandwidth {copy_bw / 1e12:.2f} TB/s, "
+          f"Hq={Q_HEADS} Hkv={KV_HEADS} d={HEAD_DIM}, K2V4 192 B/token/head, block 16")
+    hdr = ("B", "ctx", "q", "kvtc ms", "floor", "frac", "bf16 tri", "bf16 flr", "fp8 tri",
+           "sdpa", "x bf16tri", "x sdpa", "x bf16flr")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        print(f"| {r['batch']} | {r['context'] // 1024}K | {r['q_tokens']} | {r['kvtc_ms']:.4f} | "
+              f"{r['kvtc_floor_ms']:.4f} | {r['kvtc_frac_of_floor']:.2f} | {r['bf16_triton_ms']:.4f} | "
+              f"{r['bf16_floor_ms']:.4f} | {r['fp8_triton_ms']:.4f} | {r['sdpa_ms']:.4f} | "
+              f"{r['speedup_vs_bf16_triton']:.2f} | {r['speedup_vs_sdpa']:.2f} | "
+              f"{r['speedup_vs_bf16_floor']:.2f} |")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True)
+    for i, nq in enumerate((1, 4)):
+        for j, batch in enumerate((1, 4, 16)):
+            ax = axes[i][j]
+            cell = [r for r in rows if r["q_tokens"] == nq and r["batch"] == batch]
+            if not cell:
+                ax.set_visible(False)
+                continue
+            ctx = [r["context"] for r in cell]
+            for key, label, style in (("kvtc_ms", "KVTC (Triton)", "o-"),
+                                      ("kvtc_floor_ms", "KVTC byte floor", "o:"),
+                                      ("bf16_triton_ms", "bf16 paged (Triton)", "s-"),
+                                      ("bf16_floor_ms", "bf16 byte floor", "s:"),
+                                      ("fp8_triton_ms", "fp8 paged (Triton)", "^-"),
+                                      ("sdpa_ms", "SDPA, gathered bf16", "x--")):
+                ax.plot(ctx, [r[key] for r in cell], style, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"batch {batch}, {nq} query token(s)")
+            ax.set_xlabel("context tokens")
+            ax.set_ylabel("ms per layer-step")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer sizes and reps")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import triton
+    cpu = DEV == "cpu"
+    gpu = torch.cuda.get_device_name() if not cpu else "cpu (Triton interpreter smoke)"
+    log(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}")
+    gen = torch.Generator().manual_seed(0)
+    timer = Timer(reps=10 if args.quick else 25)
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)")
+
+    layer_cpu, stats = random_layer_codec(KV_HEADS, HEAD_DIM, 2.0, 4.0, seed=0)
+    layer = layer_cpu.to(DEV)
+    tables = prepare_layer_tables(layer)
+    straddle_layer = prefix_offset_codec(layer_cpu).to(DEV)
+    straddle_tables = prepare_layer_tables(straddle_layer)
+    info = {"gpu": gpu, "copy_bw": copy_bw, "slot_bytes": layer.slot_bytes,
+            "key_columns": tables.keys.columns, "value_columns": tables.values.columns,
+            "key_components_max": int((layer.keys.bits > 0).sum(1).max()),
+            "value_components_max": int((layer.values.bits > 0).sum(1).max())}
+    log(f"layout: {info}")
+
+    checks: list[dict] = []
+    s = 16 if cpu else 1  # shrink factor for the CPU smoke
+    check_write(layer, stats, tables, checks, 64 if cpu else 4096 if args.quick else 65536, 16, gen)
+    check_write(straddle_layer, stats, straddle_tables, checks, 2048 // s, 32, gen)
+    if not cpu:
+        check_dense_baseline(checks, gen)
+    check_decode(layer, stats, tables, checks, [1, 300 // s, 5000 // s], [1, 4, 3], 16, gen,
+                 "calibrated", "ragged calibrated bs16")
+    check_decode(layer, stats, tables, checks, [4096 // s, 17, 2], [4, 2, 1], 32, gen,
+                 "off-distribution", "ragged off-distribution bs32")
+    check_decode(layer, stats, tables, checks, [3000 // s, 64], [4, 1], 64, gen,
+                 "calibrated", "one split", num_splits=1)
+    check_decode(straddle_layer, stats, straddle_tables, checks, [2500 // s, 7], [4, 1], 16, gen,
+                 "calibrated", "prefix offsets (straddling) bs16")
+    big = [] if cpu else [16384] if args.quick else [65536, 262144]
+    for n in big:
+        check_decode(layer, stats, tables, checks, [n], [4], 16, gen, "calibrated",
+                     f"B1 {n // 1024}K q4 bs16")
+    if not args.quick and not cpu:
+        check_decode(layer, stats, tables, checks, [65536, 1000, 30000, 5], [1, 4, 2, 3], 128, gen,
+                     "calibrated", "B4 ragged up to 64K bs128")
+    all_ok = all(c["ok"] for c in checks)
+    log(f"correctness: {'ALL OK' if all_ok else 'FAILURES'}")
+
+    if cpu:
+        best = {1: {"block_t": 16, "num_warps": 4, "num_stages": 2},
+                4: {"block_t": 16, "num_warps": 4, "num_stages": 2}}
+    else:
+        best = sweep_configs(timer, tables, layer, copy_bw, gen, args.quick)
+    write_rows = bench_write(timer, tables, layer, stats,
+                             [32] if cpu else [2048, 16384] if args.quick
+                             else [512, 2048, 8192, 32768], gen)
+
+    rows = []
+    batches = (1,) if cpu else (1, 16) if args.quick else (1, 4, 16)
+    contexts = (64,) if cpu else (4096, 65536) if args.quick else (4096, 16384, 65536, 262144)
+    for nq in (1, 4):
+        for batch in batches:
+            for ctx in contexts:
+                row = bench_cell(timer, tables, layer, batch, ctx, nq, 16, copy_bw, best[nq], gen)
+                rows.append(row)
+                log(f"B={batch} ctx={ctx} q={nq}: kvtc {row['kvtc_ms']:.4f} ms "
+                    f"(floor {row['kvtc_floor_ms']:.4f}), bf16 {row['bf16_triton_ms']:.4f}, "
+                    f"fp8 {row['fp8_triton_ms']:.4f}, sdpa {row['sdpa_ms']:.4f}")
+
+    result = {"info": info, "checks": checks, "best_configs": {str(k): v for k, v in best.items()},
+              "write": write_rows, "decode": rows}
+    (args.out / "kvtc_kernels.json").write_text(json.dumps(result, indent=2))
+    if not cpu:
+        plot(rows, args.out / "kvtc_kernels.png")
+    print()
+    print("correctness:", "ALL OK" if all_ok else "FAILURES")
+    for c in checks:
+        print("  ", c)
+    print("compress-on-write:")
+    for w in write_rows:
+        print(f"   {w['tokens']:>6} tokens: {w['ms']:.3f} ms, {w['tokens_per_s'] / 1e6:.2f} M tok/s")
+    print("split-kernel configs:", best)
+    print_table(rows, copy_bw, gpu)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
