@@ -46,28 +46,55 @@ def gaussian_quantizer_tables(variances: torch.Tensor
     return mse * variances[:, None], scale * std, scaled_zero
 
 
-def head_codec(stats: HeadStatistics, budget_bits: int, weights: torch.Tensor | None = None,
-               coeff_samples: torch.Tensor | None = None) -> HeadCodec:
-    """Allocate ``budget_bits`` over the components and fit their quantizers.
+@dataclass(frozen=True)
+class HeadTables:
+    """Everything the bit allocation needs for one head: its PCA and, for every
+    component and width 0..8, the (weighted) error, step and zero point.
+    Independent of the budget, so several budgets share one measurement."""
 
-    ``coeff_samples`` [d, M] are measured PCA coefficients (exact empirical
+    stats: HeadStatistics
+    error: torch.Tensor           # [d, 9] measured MSE of each coefficient
+    scale: torch.Tensor           # [d, 9]
+    zero: torch.Tensor            # [d, 9]
+    weights: torch.Tensor | None  # [d] downstream importance of each component
+
+    def weighted_error(self, use_weights: bool = True) -> torch.Tensor:
+        if self.weights is None or not use_weights:
+            return self.error
+        return self.error * self.weights.to(self.error.dtype)[:, None]
+
+
+def measure_head(stats: HeadStatistics, weights: torch.Tensor | None = None,
+                 coeff_samples: torch.Tensor | None = None) -> HeadTables:
+    """``coeff_samples`` [d, M] are measured PCA coefficients (exact empirical
     errors); without them a Gaussian model of each component is used.
     ``weights`` [d] scale each component's error by how much it matters
-    downstream (query energy for keys, output-projection gain for values).
-    """
+    downstream (query energy for keys, output-projection gain for values)."""
     if coeff_samples is not None:
         mse, scale, zero = quantizer_tables(coeff_samples)
     else:
         mse, scale, zero = gaussian_quantizer_tables(stats.variances)
-    weighted = mse if weights is None else mse * weights.to(mse.dtype)[:, None]
+    return HeadTables(stats, mse, scale, zero, weights)
+
+
+def codec_from_tables(tables: HeadTables, budget_bits: int, use_weights: bool = True) -> HeadCodec:
+    """DP bit allocation under ``budget_bits``, then word-packed offsets."""
+    weighted = tables.weighted_error(use_weights)
     bits = allocate_bits(weighted, budget_bits)
     keep, offsets = _word_pack(bits, weighted, budget_bits // 8)
     rows = torch.arange(len(bits))
-    chosen_scale = scale[rows, bits][keep]
-    chosen_zero = zero[rows, bits][keep]
+    chosen_scale = tables.scale[rows, bits][keep]
+    chosen_zero = tables.zero[rows, bits][keep]
+    stats = tables.stats
     return HeadCodec(mean=stats.mean.clone(), basis=stats.components[keep].clone(),
                      bits=bits[keep].to(torch.int32), scale=chosen_scale.float(),
                      zero=chosen_zero.float(), offset=torch.tensor(offsets, dtype=torch.int32))
+
+
+def head_codec(stats: HeadStatistics, budget_bits: int, weights: torch.Tensor | None = None,
+               coeff_samples: torch.Tensor | None = None) -> HeadCodec:
+    """Allocate ``budget_bits`` over the components and fit their quantizers."""
+    return codec_from_tables(measure_head(stats, weights, coeff_samples), budget_bits)
 
 
 def _word_pack(bits: torch.Tensor, weighted: torch.Tensor, num_bytes: int

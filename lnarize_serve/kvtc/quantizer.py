@@ -38,56 +38,63 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return torch.where(bits > 0, values, torch.zeros_like(values))
 
 
-def fit_uniform_quantizer(samples: torch.Tensor, bits: int,
-                          grid_points: int = 24, refine_rounds: int = 2
+def fit_uniform_quantizer(samples: torch.Tensor, bits: int, grid_points: int = 16,
+                          iterations: int = 8
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSE-optimal uniform step for each row of ``samples`` [C, M].
 
-    The reconstruction grid is centred on each component's sample mean (zero
-    point (2^b - 1)/2 shifted by mean/step); the step is found by a coarse
-    geometric grid search in units of the component's standard deviation,
-    refined around the best point. Returns (scale [C], zero [C], mse [C]),
-    mse measured on the samples with the layout's exact rounding.
+    The reconstruction grid is centred on each component's sample mean
+    (zero point (2^b - 1)/2 shifted by mean/step). A coarse grid over the step
+    (in units of the component's std) picks a start; alternating optimisation
+    then refines it: codes by nearest level for the current step, then the
+    least-squares step for those codes (both halves lower the MSE, as in
+    Lloyd's algorithm restricted to uniform grids). Returns (scale [C],
+    zero [C], mse [C]), mse measured with the layout's exact rounding.
     """
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
     samples = samples.to(torch.float32)
-    num_components = samples.shape[0]
-    centre = samples.mean(dim=1)
-    std = samples.std(dim=1).clamp_min(1e-12)
+    centre = samples.mean(dim=1, keepdim=True)
+    centred = samples - centre
+    std = centred.pow(2).mean(dim=1).sqrt().clamp_min(1e-12)
     levels = 2 ** bits
-    # The optimum for a Gaussian is ~4/2^b std per step at low bits and shrinks
-    # towards ~2*sqrt(3)*... at high bits; search a generous bracket around it.
-    low = torch.full((num_components,), math.log(0.02 * 8.0 / levels))
-    high = torch.full((num_components,), math.log(3.0 * 8.0 / levels))
-    best_log = low.clone()
-    best_mse = torch.full((num_components,), float("inf"))
-    for _ in range(refine_rounds + 1):
-        fractions = torch.linspace(0.0, 1.0, grid_points)
-        log_steps = low[:, None] + (high - low)[:, None] * fractions[None, :]  # [C, G]
-        steps = torch.exp(log_steps) * std[:, None]
-        mse = _uniform_mse(samples, centre, steps, levels)  # [C, G]
-        idx = mse.argmin(dim=1)
-        rows = torch.arange(num_components)
-        cand_mse = mse[rows, idx]
-        improved = cand_mse < best_mse
-        best_mse = torch.where(improved, cand_mse, best_mse)
-        best_log = torch.where(improved, log_steps[rows, idx], best_log)
-        width = (high - low) / (grid_points - 1)
-        low, high = best_log - 1.5 * width, best_log + 1.5 * width
-    scale = torch.exp(best_log) * std
-    zero = (levels - 1) / 2.0 - centre / scale
-    return scale, zero, best_mse
+    half = (levels - 1) / 2.0
+    # coarse start: ~4 std across the levels is near-optimal for light tails;
+    # wider for heavy tails at low bits, narrower (~2.5 std) at high bits
+    best_step = std * (4.0 / levels)
+    best_mse = torch.full_like(std, float("inf"))
+
+    def try_steps(candidates: torch.Tensor) -> None:
+        nonlocal best_step, best_mse
+        for step in candidates:
+            mse = _centred_mse(centred, step, half)
+            better = mse < best_mse
+            best_mse = torch.where(better, mse, best_mse)
+            best_step = torch.where(better, step, best_step)
+
+    try_steps(std[None, :] * (torch.exp(torch.linspace(-1.5, 1.0, grid_points))
+                              * (4.0 / levels))[:, None])
+    step = best_step
+    for _ in range(iterations):
+        offsets = _levels(centred, step, half)  # (code - half), [C, M]
+        denom = offsets.pow(2).sum(dim=1)
+        update = (centred * offsets).sum(dim=1) / denom.clamp_min(1e-30)
+        step = torch.where(denom > 0, update.clamp_min(1e-12), step)
+        try_steps(step[None, :])
+    # the MSE is piecewise smooth in the step: polish with a fine local grid
+    try_steps(best_step[None, :] * torch.linspace(0.85, 1.15, grid_points)[:, None])
+    zero = half - centre.squeeze(1) / best_step
+    return best_step, zero, best_mse
 
 
-def _uniform_mse(samples: torch.Tensor, centre: torch.Tensor, steps: torch.Tensor,
-                 levels: int) -> torch.Tensor:
-    """MSE of a centred uniform quantizer for each (component, candidate step)."""
-    zero = (levels - 1) / 2.0 - centre[:, None] / steps  # [C, G]
-    codes = torch.floor(samples[:, None, :] / steps[:, :, None] + zero[:, :, None] + 0.5)
-    codes = codes.clamp_(0, levels - 1)
-    recon = (codes - zero[:, :, None]) * steps[:, :, None]
-    return (recon - samples[:, None, :]).pow_(2).mean(dim=2)
+def _levels(centred: torch.Tensor, step: torch.Tensor, half: float) -> torch.Tensor:
+    codes = torch.floor(centred / step[:, None] + half + 0.5).clamp_(0, 2 * half)
+    return codes - half
+
+
+def _centred_mse(centred: torch.Tensor, step: torch.Tensor, half: float) -> torch.Tensor:
+    recon = _levels(centred, step, half) * step[:, None]
+    return (recon - centred).pow_(2).mean(dim=1)
 
 
 def quantizer_tables(samples: torch.Tensor, max_bits: int = MAX_BITS
@@ -104,12 +111,8 @@ def quantizer_tables(samples: torch.Tensor, max_bits: int = MAX_BITS
     scale = torch.zeros(num_components, max_bits + 1)
     zero = torch.zeros(num_components, max_bits + 1)
     mse[:, 0] = samples.pow(2).mean(dim=1)
-    chunk = 16  # bounds the [chunk, grid, samples] temporaries
     for b in range(1, max_bits + 1):
-        for start in range(0, num_components, chunk):
-            part = slice(start, start + chunk)
-            s, z, e = fit_uniform_quantizer(samples[part], b)
-            mse[part, b], scale[part, b], zero[part, b] = e, s, z
+        scale[:, b], zero[:, b], mse[:, b] = fit_uniform_quantizer(samples, b)
     return mse, scale, zero
 
 
