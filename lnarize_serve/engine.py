@@ -18,16 +18,14 @@ logger = logging.getLogger("lnarize_serve.engine")
 
 
 def check_kvtc_supported(settings: Settings) -> None:
-    """Refuse LNARIZE_KVTC_ENABLE until the KVTC vLLM backend (issue 7) is in this build.
+    """Refuse KVTC settings this build cannot honour, with one line per setting."""
+    if not settings.kvtc_enable:
+        return
+    from lnarize_serve.kvtc.serving_setup import unsupported_settings
 
-    The vllm-kvtc work replaces this function's body with the real availability
-    check; nothing else in the package decides whether KVTC can run.
-    """
-    if settings.kvtc_enable:
-        raise ConfigError(
-            "invalid setting LNARIZE_KVTC_ENABLE=true: the KVTC compressed KV cache is not available in this "
-            "build (its vLLM backend has not landed yet); unset LNARIZE_KVTC_ENABLE"
-        )
+    problems = unsupported_settings(settings)
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def model_location_preview(settings: Settings) -> str:
@@ -56,7 +54,16 @@ class EngineHandle:
 
 def prepare_engine_args(settings: Settings) -> AsyncEngineArgs:
     check_kvtc_supported(settings)
-    return build_engine_args(settings, resolve_model_location(settings))
+    location = resolve_model_location(settings)
+    engine_args = build_engine_args(settings, location)
+    if settings.kvtc_enable:
+        from lnarize_serve.kvtc.serving_setup import KVTCSetupError, install_kvtc
+
+        try:
+            install_kvtc(settings, location, engine_args)
+        except KVTCSetupError as exc:
+            raise ConfigError(str(exc)) from None
+    return engine_args
 
 
 def start_engine(engine_args: AsyncEngineArgs) -> EngineHandle:

@@ -46,6 +46,9 @@ def engine_arg_values(settings: Settings, model_location: str | None = None) -> 
         "disable_log_stats": False,
         "enable_log_requests": False,
     }
+    from lnarize_serve.kvtc.serving_setup import kvtc_engine_arg_values
+
+    values.update(kvtc_engine_arg_values(settings))
     values.update(settings.engine_args)
     return values
 

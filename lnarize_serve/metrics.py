@@ -7,6 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lnarize_serve.kvtc.metrics import KVTCMetrics
 from lnarize_serve.lifecycle import Phase
 from lnarize_serve.settings import Settings
 
@@ -67,6 +68,7 @@ class ServerMetrics:
         self.warmup_seconds = Gauge(
             "lnarize_warmup_seconds", "Seconds the one-token warm-up generation took", registry=self.registry
         )
+        self.kvtc = KVTCMetrics(self.registry, settings.kvtc_enable)
         self.build_info.info({"version": version, "vllm_version": _vllm_version()})
         self.settings_info.info({name: str(getattr(settings, name)) for name in _INFO_SETTINGS})
         self.set_phase(Phase.LOADING)

@@ -497,3 +497,9 @@ def run_plan(args: Any) -> int:
     else:
         print(format_plan(geometry, request, rows, header))
     return 0
+
+
+def configure(parser: Any) -> None:
+    """`lnarize-serve plan` (registered in cli.SUBCOMMANDS)."""
+    add_plan_arguments(parser)
+    parser.set_defaults(run=run_plan)

@@ -73,6 +73,7 @@ class ServerRuntime:
             if self.stopping:
                 return
             self.metrics.engine_load_seconds.set(handle.load_seconds)
+            self.metrics.kvtc.record_engine(self.engine.vllm_config)
             logger.info("engine built in %.1f s", handle.load_seconds)
             await install_openai_serving(app.state, self.engine, self.settings, engine_args)
             self._enter(Phase.WARMING, "running a one-token warm-up generation")

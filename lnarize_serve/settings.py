@@ -137,8 +137,12 @@ class Settings(BaseSettings):
     kvtc_calibration: str = Field(
         "kvtc_calibration.pt", description="KVTC calibration: a local path or a file name in the model repo."
     )
-    kvtc_sink_tokens: int = Field(4, ge=0, le=1024, description="Leading tokens kept uncompressed by KVTC.")
-    kvtc_window_tokens: int = Field(128, ge=0, le=65536, description="Most recent tokens kept uncompressed by KVTC.")
+    kvtc_sink_tokens: int = Field(
+        0, ge=0, le=1024, description="Leading tokens kept uncompressed by KVTC (this build: 0 only)."
+    )
+    kvtc_window_tokens: int = Field(
+        0, ge=0, le=65536, description="Most recent tokens kept uncompressed by KVTC (this build: 0 only)."
+    )
 
     @classmethod
     def settings_customise_sources(

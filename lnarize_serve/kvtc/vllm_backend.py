@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -40,24 +40,19 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lnarize_serve.kvtc.codec import LayerCodec
 from lnarize_serve.kvtc.kvtc_ops import DECODE_MAX_QUERY, KVTCOps, kvtc_attention, ops_for_device
-from lnarize_serve.kvtc.model_codecs import (
-    CalibrationMismatch,
-    ModelCodecs,
-    full_attention_layer_indices,
-    layer_ordinal,
-    load_model_codecs_cached,
-)
+from lnarize_serve.kvtc.calibration import Calibration, CalibrationError
+from lnarize_serve.kvtc.model_codecs import layer_index_for, load_serving_calibration
 from lnarize_serve.kvtc.runtime_config import KVTCConfigError, runtime_config_from_environ
 
 
-def _model_codecs() -> ModelCodecs:
+def _calibration() -> Calibration:
     runtime = runtime_config_from_environ()
     if runtime is None:
         raise KVTCConfigError(
             "the KVTC attention backend is installed but LNARIZE_KVTC_ENABLE is off "
             "in this process"
         )
-    return load_model_codecs_cached(runtime.calibration_path)
+    return load_serving_calibration(runtime.calibration_path)
 
 
 class KVTCAttentionBackend(AttentionBackend):
@@ -107,16 +102,14 @@ class KVTCAttentionBackend(AttentionBackend):
         """Declare the compressed bytes per token per KV head (idempotent)."""
         if spec.state_content_bytes is not None:
             return spec
-        codecs = _model_codecs()
-        if (spec.head_size, spec.num_kv_heads) != (codecs.head_dim, codecs.num_kv_heads):
-            # num_kv_heads is per TP rank; a calibration covers all heads.
-            if spec.head_size != codecs.head_dim:
-                raise CalibrationMismatch(
-                    f"KVTC calibration has head_dim {codecs.head_dim}, the model "
-                    f"{spec.head_size}"
-                )
+        calibration = _calibration()
+        if spec.head_size != calibration.head_dim:
+            raise CalibrationError(
+                f"KVTC calibration has head_dim {calibration.head_dim}, the model "
+                f"{spec.head_size}"
+            )
         # The cache is bytes: a uint8 view, C = SLOT_BYTES.
-        return replace(spec, dtype=torch.uint8, state_content_bytes=codecs.slot_bytes)
+        return replace(spec, dtype=torch.uint8, state_content_bytes=calibration.slot_bytes)
 
 
 @dataclass
@@ -204,16 +197,16 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.sliding_window = None
-        self.codecs = _model_codecs()
-        if head_size != self.codecs.head_dim or self.num_kv_heads != self.codecs.num_kv_heads:
-            raise CalibrationMismatch(
-                f"KVTC calibration is for {self.codecs.num_kv_heads} KV heads of dim "
-                f"{self.codecs.head_dim}; this layer has {self.num_kv_heads} of dim {head_size}"
+        self.calibration = _calibration()
+        if (head_size, self.num_kv_heads) != (
+            self.calibration.head_dim,
+            self.calibration.num_kv_heads,
+        ):
+            raise CalibrationError(
+                f"KVTC calibration is for {self.calibration.num_kv_heads} KV heads of dim "
+                f"{self.calibration.head_dim}; this layer has {self.num_kv_heads} of dim "
+                f"{head_size}"
             )
-        config = get_current_vllm_config()
-        self.full_attention_layers = full_attention_layer_indices(
-            config.model_config.hf_text_config
-        )
         # per layer name: the layer's codec on the cache's device, and the ops
         self._layer_codecs: dict[str, LayerCodec] = {}
         self._ops: KVTCOps | None = None
@@ -222,8 +215,10 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         name = layer.layer_name
         codec = self._layer_codecs.get(name)
         if codec is None:
-            ordinal = layer_ordinal(name, self.full_attention_layers)
-            codec = self.codecs.layers[ordinal].to(device)
+            index = layer_index_for(
+                name, self.calibration.layer_indices, self.calibration.num_model_layers
+            )
+            codec = self.calibration.layers[index].to(device)
             self._layer_codecs[name] = codec
         return codec
 

@@ -73,7 +73,21 @@ def test_every_generated_key_is_an_engine_arg():
     assert set(engine_arg_values(load_settings())) <= names
 
 
-def test_kvtc_is_refused_until_the_backend_lands(monkeypatch):
+def test_kvtc_settings_this_build_cannot_honour_are_refused(monkeypatch):
     monkeypatch.setenv("LNARIZE_KVTC_ENABLE", "true")
-    with pytest.raises(ConfigError, match="not available in this build"):
+    check_kvtc_supported(load_settings())
+    monkeypatch.setenv("LNARIZE_KVTC_SINK_TOKENS", "4")
+    monkeypatch.setenv("LNARIZE_KV_CACHE_DTYPE", "fp8")
+    with pytest.raises(ConfigError) as info:
         check_kvtc_supported(load_settings())
+    assert "LNARIZE_KVTC_SINK_TOKENS=4" in str(info.value)
+    assert "LNARIZE_KV_CACHE_DTYPE='fp8'" in str(info.value)
+
+
+def test_kvtc_engine_args_select_the_custom_backend(monkeypatch):
+    from lnarize_serve.engine_args import engine_arg_values
+
+    monkeypatch.setenv("LNARIZE_KVTC_ENABLE", "true")
+    values = engine_arg_values(load_settings())
+    assert values["attention_backend"] == "CUSTOM"
+    assert values["additional_config"]["lnarize_kvtc"]["calibration"] == "kvtc_calibration.pt"

@@ -1,7 +1,5 @@
 """Pure-logic parts of the KVTC vLLM integration (no engine)."""
 
-import types
-
 import pytest
 import torch
 
@@ -9,15 +7,8 @@ from lnarize_serve.kvtc.attention import attention_on_slots, write_slots
 from lnarize_serve.kvtc.codec import encode_kv
 from lnarize_serve.kvtc.fit import random_layer_codec, sample_from_statistics
 from lnarize_serve.kvtc.kvtc_ops import TorchReferenceOps, kvtc_attention
-from lnarize_serve.kvtc.model_codecs import (
-    CalibrationMismatch,
-    ModelCodecs,
-    check_against_model,
-    full_attention_layer_indices,
-    layer_ordinal,
-    load_model_codecs,
-    save_model_codecs,
-)
+from lnarize_serve.kvtc.calibration import CalibrationError
+from lnarize_serve.kvtc.model_codecs import layer_index_for
 from lnarize_serve.kvtc.runtime_config import (
     KVTCConfigError,
     KVTCRuntimeConfig,
@@ -25,48 +16,15 @@ from lnarize_serve.kvtc.runtime_config import (
 )
 
 
-def _codecs(num_layers=2, heads=2, head_dim=64):
-    return ModelCodecs(tuple(random_layer_codec(heads, head_dim, seed=i)[0] for i in range(num_layers)))
-
-
-def test_model_codecs_roundtrip_through_safetensors(tmp_path):
-    codecs = _codecs()
-    path = tmp_path / "c.safetensors"
-    save_model_codecs(codecs, path)
-    loaded = load_model_codecs(path)
-    assert loaded.slot_bytes == codecs.slot_bytes == 48
-    for a, b in zip(codecs.layers, loaded.layers):
-        assert torch.equal(a.keys.basis, b.keys.basis)
-        assert torch.equal(a.values.bits, b.values.bits)
-        assert a.values.num_bytes == b.values.num_bytes
-
-
-def test_a_file_of_another_kind_is_refused(tmp_path):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "other.safetensors"
-    save_file({"x": torch.zeros(1)}, str(path))
-    with pytest.raises(CalibrationMismatch, match="not a"):
-        load_model_codecs(path)
-
-
-def test_mismatched_calibration_names_every_difference():
-    with pytest.raises(CalibrationMismatch) as info:
-        check_against_model(_codecs(2, 2, 64), num_full_attention_layers=30, num_kv_heads=3, head_dim=64)
-    assert "2 calibrated layers" in str(info.value) and "2 KV heads" in str(info.value)
-
-
-def test_layer_names_map_to_full_attention_ordinals():
-    hybrid = types.SimpleNamespace(num_hidden_layers=8, layer_types=None, full_attention_interval=4)
-    full = full_attention_layer_indices(hybrid)
-    assert full == [3, 7]
-    assert layer_ordinal("model.layers.3.self_attn.attn", full) == 0
-    assert layer_ordinal("model.layers.7.self_attn.attn", full) == 1
+def test_layer_names_map_to_calibrated_layers():
+    full = [3, 7]
+    assert layer_index_for("model.layers.3.self_attn.attn", full, 8) == 3
+    assert layer_index_for("model.layers.7.self_attn.attn", full, 8) == 7
     # the MTP draft layer reuses the last target layer's calibration
-    assert layer_ordinal("model.layers.8.self_attn.attn", full) == 1
-    assert layer_ordinal("mtp.layers.0.self_attn.attn", full) == 1
-    with pytest.raises(CalibrationMismatch):
-        layer_ordinal("model.layers.2.self_attn.attn", full)
+    assert layer_index_for("model.layers.8.self_attn.attn", full, 8) == 7
+    assert layer_index_for("mtp.layers.0.self_attn.attn", full, 8) == 7
+    with pytest.raises(CalibrationError, match="no KVTC calibration"):
+        layer_index_for("model.layers.2.self_attn.attn", full, 8)
 
 
 def test_runtime_config_round_trips_through_the_environment(tmp_path):

@@ -1,0 +1,203 @@
+"""Server side of KVTC: settings -> checked calibration -> engine arguments.
+
+Runs in the server process before vLLM starts: resolves the calibration
+source (a local file, or a file in the model repo via huggingface_hub),
+converts the shipped pickle format once (through the codec's safe loader) to
+our safetensors format, validates it against the model's config, exports the
+settings for vLLM's processes and installs the backend in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lnarize_serve.kvtc.calibration import (
+    CalibrationError,
+    ModelGeometry,
+    load_calibration,
+    read_metadata,
+    validate_against_model,
+)
+from lnarize_serve.kvtc.runtime_config import KVTCRuntimeConfig
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from lnarize_serve.settings import Settings
+
+logger = logging.getLogger("lnarize_serve.kvtc")
+
+# vLLM selects the registered backend through this slot on CUDA; on CPU the
+# plugin also takes the CPU_ATTN slot (the CPU platform ignores selections).
+ATTENTION_BACKEND = "CUSTOM"
+
+
+class KVTCSetupError(ValueError):
+    """KVTC cannot start with these settings; the message names the setting."""
+
+
+def unsupported_settings(settings: Settings) -> list[str]:
+    """Settings this build's KVTC cannot honour (one line each)."""
+    problems = []
+    if settings.kv_cache_dtype != "auto":
+        problems.append(
+            f"invalid setting LNARIZE_KV_CACHE_DTYPE={settings.kv_cache_dtype!r}: KVTC stores its "
+            "own compressed slots; use 'auto' with LNARIZE_KVTC_ENABLE"
+        )
+    if settings.kvtc_sink_tokens:
+        problems.append(
+            f"invalid setting LNARIZE_KVTC_SINK_TOKENS={settings.kvtc_sink_tokens}: this build keeps "
+            "no sink tokens uncompressed (allowed: 0); prefill chunks attend to themselves exactly"
+        )
+    if settings.kvtc_window_tokens:
+        problems.append(
+            f"invalid setting LNARIZE_KVTC_WINDOW_TOKENS={settings.kvtc_window_tokens}: this build "
+            "keeps no recent-token window uncompressed (allowed: 0)"
+        )
+    return problems
+
+
+def kvtc_engine_arg_values(settings: Settings) -> dict[str, Any]:
+    """The engine arguments KVTC adds (pure; the calibration path is resolved
+    to a local file at start-up)."""
+    if not settings.kvtc_enable:
+        return {}
+    runtime = KVTCRuntimeConfig(
+        settings.kvtc_calibration, settings.kvtc_sink_tokens, settings.kvtc_window_tokens
+    )
+    return {"attention_backend": ATTENTION_BACKEND, "additional_config": runtime.as_additional_config()}
+
+
+def _model_config(model_location: str, revision: str | None, cache_dir: Path | None) -> dict:
+    local = Path(model_location)
+    if local.is_dir():
+        return json.loads((local / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(
+        model_location, "config.json", revision=revision, cache_dir=_hub_dir(cache_dir)
+    )
+    return json.loads(Path(path).read_text())
+
+
+def _hub_dir(cache_dir: Path | None) -> str | None:
+    return str(cache_dir / "hub") if cache_dir else None
+
+
+def resolve_calibration_source(
+    source: str, model_location: str, revision: str | None, cache_dir: Path | None
+) -> Path:
+    """A local file as is; otherwise the file of that name in the model repo."""
+    local = Path(source).expanduser()
+    if local.is_file():
+        return local
+    model_dir = Path(model_location)
+    if model_dir.is_dir():
+        candidate = model_dir / source
+        if candidate.is_file():
+            return candidate
+        raise KVTCSetupError(
+            f"invalid setting LNARIZE_KVTC_CALIBRATION={source!r}: no such file, and the local "
+            f"model folder {model_dir} has none of that name"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    try:
+        return Path(
+            hf_hub_download(model_location, source, revision=revision, cache_dir=_hub_dir(cache_dir))
+        )
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise KVTCSetupError(
+            f"invalid setting LNARIZE_KVTC_CALIBRATION={source!r}: not a local file and not "
+            f"downloadable from the model repo {model_location!r} ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _is_our_format(path: Path) -> bool:
+    try:
+        read_metadata(path)
+    except CalibrationError:
+        return False
+    return True
+
+
+def prepare_calibration_file(
+    path: Path, model_config: dict, model_id: str, converted_dir: Path
+) -> Path:
+    """Our format, validated against the model; shipped files are converted once."""
+    geometry = ModelGeometry.from_config(model_config)
+    if _is_our_format(path):
+        calibration = load_calibration(path)
+        prepared = path
+    else:
+        from lnarize_serve.kvtc.shipped import convert_shipped, load_shipped
+
+        shipped = load_shipped(path)  # the safe loader: refuses foreign pickles
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        prepared = converted_dir / f"kvtc-{digest}.safetensors"
+        if prepared.is_file():
+            calibration = load_calibration(prepared)
+        else:
+            logger.info("converting shipped KVTC calibration %s -> %s", path, prepared)
+            calibration = convert_shipped(shipped, geometry, model_id)
+            calibration.save(prepared)
+    validate_against_model(calibration, geometry)
+    return prepared
+
+
+def default_converted_dir(cache_dir: Path | None) -> Path:
+    from lnarize_serve.demo_model import default_cache_dir
+
+    return (cache_dir or default_cache_dir()) / "kvtc"
+
+
+def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngineArgs) -> KVTCRuntimeConfig:
+    """Resolve, check and install KVTC for the engine about to start.
+
+    Exports the settings for vLLM's processes, registers the backend in this
+    process (plugins may have loaded before the export), and points the
+    engine arguments at the local calibration file.
+    """
+    problems = unsupported_settings(settings)
+    if problems:
+        raise KVTCSetupError("\n".join(problems))
+    source = resolve_calibration_source(
+        settings.kvtc_calibration, model_location, settings.revision, settings.cache_dir
+    )
+    try:
+        prepared = prepare_calibration_file(
+            source,
+            _model_config(model_location, settings.revision, settings.cache_dir),
+            settings.model,
+            default_converted_dir(settings.cache_dir),
+        )
+    except CalibrationError as exc:
+        raise KVTCSetupError(
+            f"invalid setting LNARIZE_KVTC_CALIBRATION={settings.kvtc_calibration!r}: {exc}"
+        ) from None
+    runtime = KVTCRuntimeConfig(
+        str(prepared.resolve()), settings.kvtc_sink_tokens, settings.kvtc_window_tokens
+    )
+    runtime.export()
+    from lnarize_serve.kvtc.plugin import register
+
+    register()
+    engine_args.attention_backend = ATTENTION_BACKEND
+    engine_args.additional_config = {
+        **(engine_args.additional_config or {}),
+        **runtime.as_additional_config(),
+    }
+    calibration = load_calibration(prepared)
+    logger.info(
+        "KVTC on: %s, %d B per token per KV head (%.2fx smaller than bf16), layers %s",
+        prepared,
+        calibration.slot_bytes,
+        4 * calibration.head_dim / calibration.slot_bytes,
+        calibration.layer_indices,
+    )
+    return runtime
