@@ -45,6 +45,23 @@ def dockerfile_healthcheck_command() -> list[str]:
     return [sys.executable, *command[1:]]
 
 
+def serve_md_examples(port: int) -> list[tuple[list[str], str]]:
+    """SERVE.md's curl and Python examples, pointed at this server (commands, label)."""
+    text = (REPO_ROOT / "SERVE.md").read_text().replace("localhost:9000", f"127.0.0.1:{port}")
+    examples = []
+    for language, code in re.findall(r"```(python|bash)\n(.*?)```", text, re.S):
+        if f"127.0.0.1:{port}/v1" not in code:
+            continue
+        if language == "python":
+            examples.append(([sys.executable, "-c", code], code.strip().splitlines()[-1]))
+        else:
+            # From the first curl on (the quick-start block starts with git and docker);
+            # -f turns HTTP errors into a failing exit code.
+            script = code[code.index("curl ") :].replace("curl -s", "curl -sSf").replace("curl http", "curl -sSf http")
+            examples.append((["bash", "-euc", script], script.splitlines()[0]))
+    return examples
+
+
 def http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -130,6 +147,26 @@ def test_container_start_ready_answer_and_sigterm(container_process) -> None:
         max_tokens=24,
     )
     assert "Paris" in reply.choices[0].message.content
+
+    examples = serve_md_examples(port)
+    assert sum(command[0] == "bash" for command, _ in examples) >= 2
+    assert sum(command[0] != "bash" for command, _ in examples) >= 4
+    for command, label in examples:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, f"SERVE.md example failed: {label}\n{result.stdout}\n{result.stderr}"
+        print(f"--- {label}\n{result.stdout.strip()[:800]}")
+
+    # Every series SERVE.md tells people to watch exists (speculative decoding
+    # series only appear when MTP is on, i.e. on the GPU profiles).
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        exposed = response.read().decode()
+    section = (REPO_ROOT / "SERVE.md").read_text().split("## 6. Metrics worth watching")[1].split("\n## ")[0]
+    documented = set(re.findall(r"`((?:lnarize_|vllm:)[a-z_]+)", section))
+    assert len(documented) >= 10
+    missing = sorted(
+        name for name in documented if "spec_decode" not in name and not re.search(rf"^{re.escape(name)}(?:_bucket|_sum|_count|_total)?[{{ ]", exposed, re.M)
+    )
+    assert not missing, f"SERVE.md documents series /metrics does not have: {missing}"
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
