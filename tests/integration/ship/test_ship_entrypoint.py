@@ -122,6 +122,49 @@ def test_skip_switch_passes_the_gpu_check_and_execs_the_server_cli(cache_env) ->
     assert "usage: lnarize-serve serve" in result.stdout
 
 
+def fake_tool(bin_dir: Path, name: str, script: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+def test_gpu_reported_by_nvidia_smi_passes_the_check_and_is_logged(tmp_path, cache_env) -> None:
+    # Fake nvidia-smi: this machine has no GPU, so the real one cannot show this path.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tool(
+        bin_dir,
+        "nvidia-smi",
+        'case "$1" in\n'
+        '  -L) echo "GPU 0: NVIDIA B200 (UUID: GPU-0000)";;\n'
+        '  *) echo "NVIDIA B200, 183359 MiB, 580.65";;\n'
+        "esac\n",
+    )
+    env = {**cache_env, "PATH": f"{bin_dir}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = run_entrypoint("serve", "--help", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "entrypoint: GPU: NVIDIA B200, 183359 MiB, 580.65" in result.stderr
+    # nvidia-smi present but listing no GPU: refused.
+    fake_tool(bin_dir, "nvidia-smi", "echo 'No devices were found'; exit 6\n")
+    result = run_entrypoint("serve", "--help", env=env, timeout=60)
+    assert result.returncode == 1 and "no NVIDIA GPU is visible" in result.stderr
+
+
+def test_small_shm_is_warned_about_with_the_fix(tmp_path, cache_env) -> None:
+    # Fake df reporting Docker's default 64 MiB /dev/shm: this machine's is larger.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tool(bin_dir, "df", 'echo "Filesystem 1024-blocks Used Available Capacity Mounted on"; echo "shm 65536 0 65536 0% /dev/shm"\n')
+    env = {
+        **cache_env,
+        "ENTRYPOINT_SKIP_GPU_CHECK": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = run_entrypoint("serve", "--help", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: /dev/shm is only 64 MiB" in result.stderr and "ipc: host" in result.stderr
+
+
 @pytest.mark.parametrize("variable", ["HF_HOME", "VLLM_CACHE_ROOT", "LNARIZE_CACHE_DIR"])
 def test_unwritable_cache_dir_fails_with_the_fix(tmp_path, cache_env, variable) -> None:
     # Root may write anywhere, so "not writable" is produced by a path under a regular file.
