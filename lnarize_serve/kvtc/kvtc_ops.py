@@ -11,7 +11,9 @@ every device; it calls an object with this interface:
   uncompressed and the history compressed.
 
 CPU: the codec's torch reference. CUDA: the Triton kernels for write and
-decode; prefill uses the reference op on the GPU (no prefill kernel yet).
+decode; prefill decodes each sequence's compressed history to dense K/V once
+and runs SDPA over it plus the exact chunk, in query blocks (bounded memory at
+long contexts; there is no prefill kernel on slots yet).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Protocol
 
 import torch
 
-from lnarize_serve.kvtc.attention import attention_on_slots
+import torch.nn.functional as F
+
+from lnarize_serve.kvtc.attention import attention_on_slots, gather_slots
 from lnarize_serve.kvtc.attention import write_slots as write_slots_reference
-from lnarize_serve.kvtc.codec import LayerCodec, encode_kv
+from lnarize_serve.kvtc.codec import LayerCodec, decode_kv, encode_kv
 
 # Longest per-sequence query treated as decode/verify (the Triton decode
 # kernel's limit; MTP n=3 verification is 4).
@@ -83,11 +87,54 @@ class TritonOps(TorchReferenceOps):
     def write(self, key, value, cache, slot_mapping, codec):
         self._kernels.write_slots(key, value, slot_mapping, cache, self._tables_for(codec))
 
+    def prefill(self, query, cache, block_table, seq_lens, query_start_loc, codec,
+                softmax_scale, exact_keys, exact_values):
+        return prefill_over_decoded_history(query, cache, block_table, seq_lens,
+                                            query_start_loc, codec, softmax_scale,
+                                            exact_keys, exact_values)
+
     def decode(self, query, cache, block_table, seq_lens, query_start_loc, codec,
                softmax_scale, max_query_len, max_seq_len):
         return self._kernels.decode_attention(
             query, cache, block_table, seq_lens, query_start_loc, self._tables_for(codec),
             softmax_scale, max_query_len, max_seq_len)
+
+
+def prefill_over_decoded_history(query, cache, block_table, seq_lens, query_start_loc, codec,
+                                 softmax_scale, exact_keys, exact_values,
+                                 query_block: int = 512) -> torch.Tensor:
+    """Same result as the reference prefill, computed with SDPA: the history
+    (positions before the chunk) is decoded from its slots once per sequence,
+    the chunk's own K/V are exact, and queries go in blocks of ``query_block``
+    so the score matrix stays bounded at long contexts."""
+    num_kv_heads = codec.num_kv_heads
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[b], starts[b + 1]
+        num_q = end - start
+        if num_q == 0:
+            continue
+        history = seq_len - num_q
+        k_exact = exact_keys[start:end].float()
+        v_exact = exact_values[start:end].float()
+        if history:
+            k_hist, v_hist = decode_kv(gather_slots(cache, block_table[b], seq_len)[:history], codec)
+            keys, values = torch.cat([k_hist, k_exact]), torch.cat([v_hist, v_exact])
+        else:
+            keys, values = k_exact, v_exact
+        keys = keys.transpose(0, 1)  # [H, L, d]
+        values = values.transpose(0, 1)
+        positions = torch.arange(seq_len, device=query.device)
+        for q0 in range(0, num_q, query_block):
+            q1 = min(num_q, q0 + query_block)
+            q = query[start + q0:start + q1].float().transpose(0, 1)  # [Hq, n, d]
+            visible = positions[None, :] <= (history + torch.arange(q0, q1, device=query.device))[:, None]
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=visible, scale=softmax_scale,
+                enable_gqa=q.shape[0] != num_kv_heads)
+            out[start + q0:start + q1] = o.transpose(0, 1)
+    return out
 
 
 def ops_for_device(device: torch.device) -> KVTCOps:

@@ -68,3 +68,29 @@ def test_glue_splits_decode_and_prefill_rows_like_separate_calls():
                                  0.125, exact_keys=chunk_k[3:], exact_values=chunk_v[3:])
     torch.testing.assert_close(out[:3], decode)
     torch.testing.assert_close(out[3:], prefill)
+
+
+def test_gpu_prefill_over_decoded_history_equals_the_reference():
+    """The CUDA prefill path (decode history, SDPA in query blocks) computes
+    what the reference prefill computes; runnable on CPU tensors."""
+    from lnarize_serve.kvtc.kvtc_ops import prefill_over_decoded_history
+
+    codec, stats = random_layer_codec(2, 64, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    block_size, lens, query_lens = 16, [50, 37], [30, 37]
+    cache = torch.zeros(10, 2, block_size, codec.slot_bytes, dtype=torch.uint8)
+    block_table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
+    keys = [sample_from_statistics(stats["keys"], n, gen) for n in lens]
+    values = [sample_from_statistics(stats["values"], n, gen) for n in lens]
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = block_table[b][pos // block_size].long() * block_size + pos % block_size
+        write_slots(cache, encode_kv(keys[b], values[b], codec), slots)
+    query = torch.randn(sum(query_lens), 6, 64, generator=gen)
+    qsl = torch.tensor([0, 30, 67])
+    chunk_k = torch.cat([k[-q:] for k, q in zip(keys, query_lens)])
+    chunk_v = torch.cat([v[-q:] for v, q in zip(values, query_lens)])
+    args = (query, cache, block_table, torch.tensor(lens), qsl, codec, 0.125, chunk_k, chunk_v)
+    reference = TorchReferenceOps().prefill(*args)
+    torch.testing.assert_close(prefill_over_decoded_history(*args, query_block=8), reference,
+                               rtol=1e-4, atol=1e-4)
