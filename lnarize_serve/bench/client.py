@@ -168,7 +168,9 @@ async def count_prompt_tokens(
     """The server's prompt token count for these messages (a non-streamed max_tokens=1 probe)."""
     url = endpoint.base_url + "/chat/completions"
     body = endpoint.body(messages, 1, stream=False)
+    # One token is enough to read the count; no need for fields a server may refuse.
     body.pop("min_tokens", None)
+    body.pop("ignore_eos", None)
     try:
         response = await client.post(url, json=body)
     except httpx.ConnectError as exc:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lnarize_serve.bench.cli import add_output_arguments, add_workload_arguments, grid_from_args
@@ -227,7 +228,8 @@ def _spread_text(values: list[float], fmt: str) -> str:
 
 
 def comparison_table(comparisons) -> Table:
-    table = Table(title="lnarize-serve vs plain vLLM (B/A; per-round median [min, max])", title_justify="left")
+    title = escape("lnarize-serve vs plain vLLM (per-round values: median [min, max])")
+    table = Table(title=title, title_justify="left")
     for name in ("conc", "prompt", "rounds", "vLLM tok/s", "ours tok/s", "ratio pooled", "ratio per round",
                  "vLLM TTFT p50", "ours TTFT p50", "dTTFT pooled", "dTTFT per round", "dITL p50", "vLLM CV"):
         table.add_column(name, justify="right")

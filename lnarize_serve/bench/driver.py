@@ -136,6 +136,9 @@ async def prepare_target(
         prompts = await calibrate(lambda messages: count_prompt_tokens(http, endpoint, messages))
     notes.append(f"prompt lengths: {prompts.description}")
 
+    if not endpoint.fixed_length_fields:
+        notes.append("fixed output length not requested; outputs may stop early at EOS")
+        return Target(endpoint=endpoint, prompts=prompts, notes=notes)
     refusal = await probe_fixed_length_support(http, endpoint, chat_messages("Say hi."))
     if refusal is not None:
         endpoint.fixed_length_fields = False

