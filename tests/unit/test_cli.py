@@ -86,3 +86,11 @@ def test_registry_entries_resolve():
     for name in cli.SUBCOMMANDS:
         parser = cli.build_parser(name)
         assert parser.prog == f"lnarize-serve {name}"
+
+
+def test_readme_settings_table_lists_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"| `{name}` | `LNARIZE_{name.upper()}` |" in readme, name
