@@ -165,7 +165,7 @@ def check_write(layer, stats, tables, results, num_tokens: int, block_size: int,
 
 
 def check_decode(layer, stats, tables, results, seq_lens, nqs, block_size, gen, data: str,
-                 label: str, num_splits=None, tol: float = 1e-2) -> None:
+                 label: str, cfg: dict, num_splits=None, tol: float = 1e-2) -> None:
     table, total_blocks = paged_layout(seq_lens, block_size, gen)
     cache = torch.full((total_blocks, KV_HEADS, block_size, layer.slot_bytes), 0x5A,
                        dtype=torch.uint8, device=DEV)
@@ -181,14 +181,16 @@ def check_decode(layer, stats, tables, results, seq_lens, nqs, block_size, gen, 
     q = (torch.randn(int(qsl[-1]), Q_HEADS, HEAD_DIM, generator=gen) * 1.5).to(DEV, torch.bfloat16)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
     out = torch.full((q.shape[0], Q_HEADS, HEAD_DIM), float("nan"), dtype=torch.float32, device=DEV)
+    knobs = {k: cfg[k] for k in KERNEL_KNOBS if k in cfg}
     out, lse = decode_attention(q, cache, table, lens, qsl, tables, SCALE, max(nqs), max(seq_lens),
-                                num_splits=num_splits, out=out, return_lse=True)
+                                num_splits=num_splits, out=out, return_lse=True, **knobs)
     sync()
     ref = attention_on_slots(q.float(), cache, table, lens, qsl, layer, SCALE)
     err = rel_err(out, ref)
     finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
     ok = finite and err < tol
-    results.append({"check": label, "rel_err": err, "finite": finite, "ok": ok})
+    results.append({"check": label, "variant": cfg.get("variant"), "rel_err": err,
+                    "finite": finite, "ok": ok})
     log(f"check {label}: rel err {err:.2e} finite={finite} -> {'OK' if ok else 'FAIL'}")
     del cache, ref
 
@@ -230,9 +232,9 @@ def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_c
     # KVTC: random code bytes are valid slots (every bit pattern decodes)
     cache = torch.randint(0, 256, (total_blocks, KV_HEADS, block_size, layer.slot_bytes),
                           dtype=torch.uint8, device=DEV)
-    splits = default_num_splits(batch, KV_HEADS, ctx, kvtc_cfg["block_t"])
-    fn = lambda: decode_attention(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,  # noqa: E731
-                                  num_splits=splits, **kvtc_cfg)
+    splits = default_num_splits(batch, KV_HEADS, ctx, kvtc_cfg["block_t"],
+                                programs_per_sm=kvtc_cfg.get("programs_per_sm", 2))
+    fn = kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, kvtc_cfg)
     table_bytes = 4 * KV_HEADS * HEAD_DIM * (int((layer.keys.bits > 0).sum(1).max())
                                              + int((layer.values.bits > 0).sum(1).max()) + 2)
     kvtc_bytes = tokens * KV_HEADS * layer.slot_bytes + q_out_bytes + table_bytes
@@ -241,7 +243,7 @@ def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_c
     row["kvtc_floor_ms"] = kvtc_bytes / copy_bw * 1e3
     del cache
 
-    dense_splits = splits
+    dense_splits = default_num_splits(batch, KV_HEADS, ctx, 32)
     kc = torch.randn(total_blocks, KV_HEADS, block_size, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     fn = lambda: dense_paged_decode(q, kc, vc, table, lens, qsl, SCALE, nq, ctx,  # noqa: E731
@@ -294,37 +296,72 @@ def bench_write(timer, tables, layer, stats, sizes, gen) -> list[dict]:
     return rows
 
 
-def sweep_configs(timer, tables, layer, copy_bw, gen, quick: bool) -> dict:
-    """Pick the split kernel's tile/warps per query-token count."""
-    best = {}
-    for nq in (1, 4):
-        options = []
-        for block_t in (32, 64):
-            for warps in (4, 8):
-                for stages in ((2,) if quick else (2, 3)):
-                    cfg = {"block_t": block_t, "num_warps": warps, "num_stages": stages}
-                    try:
-                        row = bench_cell_kvtc_only(timer, tables, layer, 1, 65536, nq, cfg, gen)
-                    except Exception as exc:  # a config the compiler rejects (e.g. smem)
-                        log(f"config {cfg} nq={nq} failed: {type(exc).__name__}: {exc}"[:300])
-                        continue
-                    options.append((row, cfg))
-                    log(f"sweep nq={nq} {cfg}: {row:.4f} ms")
-        best[nq] = min(options, key=lambda o: o[0])[1]
-        log(f"best for nq={nq}: {best[nq]}")
-    return best
+# What decode_attention's callers (the vLLM backend) should pass, per query
+# tokens per sequence; measured by --sweep (docs/kvtc-kernels.md).
+DEFAULT_CONFIG = {
+    1: {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4, "num_stages": 2,
+        "programs_per_sm": 2},
+    4: {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4, "num_stages": 2,
+        "programs_per_sm": 2},
+}
+KERNEL_KNOBS = ("block_t", "num_warps", "num_stages", "variant", "tables_in_loop")
 
 
-def bench_cell_kvtc_only(timer, tables, layer, batch, ctx, nq, cfg, gen) -> float:
-    table, total_blocks = paged_layout([ctx] * batch, 16, gen)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
-    qsl = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * nq
-    q = torch.randn(batch * nq, Q_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+def kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, cfg, compiled=None):
+    splits = default_num_splits(lens.shape[0], KV_HEADS, ctx, cfg["block_t"],
+                                programs_per_sm=cfg.get("programs_per_sm", 2))
+    knobs = {k: cfg[k] for k in KERNEL_KNOBS if k in cfg}
+    return lambda: decode_attention(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,
+                                    num_splits=splits, compiled=compiled, **knobs)
+
+
+def sweep_configs(timer, tables, layer, gen, quick: bool) -> tuple[dict, list]:
+    """Pick the split kernel's formulation, tile, warps and split count per
+    query-token count, timing each at batch 1 / 64K and batch 16 / 16K context
+    and ranking by the sum of the two times relative to each cell's fastest."""
+    best, report = {}, []
+    ctx = 65536
+    table, total_blocks = paged_layout([ctx], 16, gen)
+    lens = torch.full((1,), ctx, dtype=torch.int32, device=DEV)
     cache = torch.randint(0, 256, (total_blocks, KV_HEADS, 16, layer.slot_bytes),
                           dtype=torch.uint8, device=DEV)
-    splits = default_num_splits(batch, KV_HEADS, ctx, cfg["block_t"])
-    return timer(lambda: decode_attention(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,
-                                          num_splits=splits, **cfg))
+    table16, blocks16 = paged_layout([16384] * 16, 16, gen)
+    lens16 = torch.full((16,), 16384, dtype=torch.int32, device=DEV)
+    cache16 = torch.randint(0, 256, (blocks16, KV_HEADS, 16, layer.slot_bytes),
+                            dtype=torch.uint8, device=DEV)
+    qsl16 = {n: torch.arange(17, dtype=torch.int32, device=DEV) * n for n in (1, 4)}
+    q16 = {n: torch.randn(16 * n, Q_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+           for n in (1, 4)}
+    for nq in (1, 4):
+        qsl = torch.tensor([0, nq], dtype=torch.int32, device=DEV)
+        q = torch.randn(nq, Q_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+        options = []
+        grid = [(v, t, bt, w, pps) for v in (1, 2) for t in (False, True)
+                for bt in (32, 64) for w in (4, 8) for pps in (2, 4)]
+        if quick:
+            grid = [g for g in grid if g[1] and g[4] == 2]
+        for variant, in_loop, block_t, warps, per_sm in grid:
+            cfg = {"variant": variant, "tables_in_loop": in_loop, "block_t": block_t,
+                   "num_warps": warps, "num_stages": 2, "programs_per_sm": per_sm}
+            compiled: list = []
+            try:
+                ms = timer(kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, cfg, compiled))
+                ms16 = timer(kvtc_call(q16[nq], cache16, table16, lens16, qsl16[nq], tables, nq,
+                                       16384, cfg))
+            except Exception as exc:  # e.g. out of shared memory
+                log(f"config {cfg} nq={nq} failed: {type(exc).__name__}: {exc}"[:300])
+                continue
+            k = compiled[0]
+            stats = {"regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
+                     "smem": k.metadata.shared if hasattr(k, "metadata") else None}
+            options.append((ms, ms16, cfg))
+            report.append({"q_tokens": nq, **cfg, "ms_b1_64k": ms, "ms_b16_16k": ms16, **stats})
+            log(f"sweep nq={nq} {cfg}: B1 64K {ms:.4f} ms, B16 16K {ms16:.4f} ms {stats}")
+        fastest = (min(o[0] for o in options), min(o[1] for o in options))
+        best[nq] = min(options, key=lambda o: o[0] / fastest[0] + o[1] / fastest[1])[2]
+        log(f"best for nq={nq}: {best[nq]}")
+    del cache, cache16
+    return best, report
 
 
 # -------------------------------------------------------------------- main
@@ -379,6 +416,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer sizes and reps")
+    parser.add_argument("--sweep", choices=("full", "quick", "none"), default="none",
+                        help="time kernel configurations and use the best (default: use the "
+                             "kernels' defaults)")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="stop after the configuration sweep and the correctness checks")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -407,29 +449,40 @@ def main() -> int:
     check_write(straddle_layer, stats, straddle_tables, checks, 2048 // s, 32, gen)
     if not cpu:
         check_dense_baseline(checks, gen)
-    check_decode(layer, stats, tables, checks, [1, 300 // s, 5000 // s], [1, 4, 3], 16, gen,
-                 "calibrated", "ragged calibrated bs16")
+
+    if cpu:
+        small = {"block_t": 16, "num_warps": 4, "num_stages": 2, "variant": 0}
+        best, sweep = {1: small, 4: small}, []
+    elif args.sweep == "none":
+        best, sweep = {1: DEFAULT_CONFIG[1], 4: DEFAULT_CONFIG[4]}, []
+    else:
+        best, sweep = sweep_configs(timer, tables, layer, gen, args.sweep == "quick")
+    for variant in (0, 1, 2, 3):
+        cfg = {**best[4], "variant": variant}
+        check_decode(layer, stats, tables, checks, [1, 300 // s, 5000 // s], [1, 4, 3], 16, gen,
+                     "calibrated", f"ragged calibrated bs16 v{variant}", cfg)
+        check_decode(straddle_layer, stats, straddle_tables, checks, [2500 // s, 7], [4, 1], 16,
+                     gen, "calibrated", f"prefix offsets (straddling) bs16 v{variant}", cfg)
     check_decode(layer, stats, tables, checks, [4096 // s, 17, 2], [4, 2, 1], 32, gen,
-                 "off-distribution", "ragged off-distribution bs32")
+                 "off-distribution", "ragged off-distribution bs32", best[4])
     check_decode(layer, stats, tables, checks, [3000 // s, 64], [4, 1], 64, gen,
-                 "calibrated", "one split", num_splits=1)
-    check_decode(straddle_layer, stats, straddle_tables, checks, [2500 // s, 7], [4, 1], 16, gen,
-                 "calibrated", "prefix offsets (straddling) bs16")
+                 "calibrated", "one split", best[4], num_splits=1)
     big = [] if cpu else [16384] if args.quick else [65536, 262144]
     for n in big:
         check_decode(layer, stats, tables, checks, [n], [4], 16, gen, "calibrated",
-                     f"B1 {n // 1024}K q4 bs16")
+                     f"B1 {n // 1024}K q4 bs16", best[4])
+        check_decode(layer, stats, tables, checks, [n], [1], 16, gen, "off-distribution",
+                     f"B1 {n // 1024}K q1 bs16 off-distribution", best[1])
     if not args.quick and not cpu:
         check_decode(layer, stats, tables, checks, [65536, 1000, 30000, 5], [1, 4, 2, 3], 128, gen,
-                     "calibrated", "B4 ragged up to 64K bs128")
+                     "calibrated", "B4 ragged up to 64K bs128", best[4])
     all_ok = all(c["ok"] for c in checks)
     log(f"correctness: {'ALL OK' if all_ok else 'FAILURES'}")
+    if args.sweep_only:
+        (args.out / "kvtc_sweep.json").write_text(json.dumps(
+            {"info": info, "checks": checks, "best": best, "sweep": sweep}, indent=2))
+        return 0 if all_ok else 1
 
-    if cpu:
-        best = {1: {"block_t": 16, "num_warps": 4, "num_stages": 2},
-                4: {"block_t": 16, "num_warps": 4, "num_stages": 2}}
-    else:
-        best = sweep_configs(timer, tables, layer, copy_bw, gen, args.quick)
     write_rows = bench_write(timer, tables, layer, stats,
                              [32] if cpu else [2048, 16384] if args.quick
                              else [512, 2048, 8192, 32768], gen)
@@ -447,6 +500,7 @@ def main() -> int:
                     f"fp8 {row['fp8_triton_ms']:.4f}, sdpa {row['sdpa_ms']:.4f}")
 
     result = {"info": info, "checks": checks, "best_configs": {str(k): v for k, v in best.items()},
+              "sweep": sweep,
               "write": write_rows, "decode": rows}
     (args.out / "kvtc_kernels.json").write_text(json.dumps(result, indent=2))
     if not cpu:

@@ -134,9 +134,10 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
     if num_tokens == 0:
         return
     words = cache.view(torch.int32)
-    d_chunk = min(32, head_dim)
-    grid = (triton.cdiv(num_tokens, block_t), num_heads)
     k, v = tables.keys, tables.values
+    # the [C, D_CHUNK] fp32 basis tile is staged in shared memory: keep it <= 32 KB
+    d_chunk = min(head_dim, max(16, 8192 // max(k.columns, v.columns)))
+    grid = (triton.cdiv(num_tokens, block_t), num_heads)
     _kvtc_write_kernel[grid](
         key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         slot_mapping, words, words.stride(0), words.stride(1), words.stride(2),
@@ -144,4 +145,4 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
         HEAD_DIM=head_dim, D_CHUNK=d_chunk, BLOCK_T=block_t,
         K_NW=k.num_words, K_NWP=k.words_padded, K_KP=k.kmax_padded, K_STRADDLES=k.straddles,
         V_WORD0=v.word_offset, V_NW=v.num_words, V_NWP=v.words_padded, V_KP=v.kmax_padded,
-        V_STRADDLES=v.straddles, num_warps=8)
+        V_STRADDLES=v.straddles, num_warps=8, num_stages=2)
