@@ -58,12 +58,16 @@ COPY config/profiles /tmp/lnarize-src/config/profiles
 # anything, if this package's requirements disagree with the image; the
 # `[gpu]` extra (vllm==0.32.0) makes a mismatched base tag fail here too.
 # Chosen over `--no-deps`, which would also skip the check that the image
-# satisfies our dependency ranges.
+# satisfies our dependency ranges. The import check at the end runs as root, so
+# it gets throw-away cache dirs: root-owned files must not land in /cache.
 RUN python3 -m pip list --format=freeze > /tmp/image-constraints.txt \
     && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir \
        --constraint /tmp/image-constraints.txt "/tmp/lnarize-src[gpu]" \
     && rm -rf /tmp/lnarize-src /tmp/image-constraints.txt \
-    && lnarize-serve version
+    && HOME=/tmp/import-check XDG_CACHE_HOME=/tmp/import-check HF_HOME=/tmp/import-check/hf \
+       VLLM_CACHE_ROOT=/tmp/import-check/vllm TRITON_CACHE_DIR=/tmp/import-check/triton \
+       lnarize-serve version \
+    && rm -rf /tmp/import-check
 
 COPY --chmod=0755 entrypoint.sh /usr/local/bin/entrypoint.sh
 
