@@ -68,8 +68,10 @@ check_writable_dir() {
 }
 
 check_cache_dirs() {
-    check_writable_dir HF_HOME "${HF_HOME:-${HOME:-/tmp}/.cache/huggingface}"
-    check_writable_dir VLLM_CACHE_ROOT "${VLLM_CACHE_ROOT:-${HOME:-/tmp}/.cache/vllm}"
+    # Defaults as huggingface_hub and vLLM compute them when unset.
+    xdg_cache=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}
+    check_writable_dir HF_HOME "${HF_HOME:-$xdg_cache/huggingface}"
+    check_writable_dir VLLM_CACHE_ROOT "${VLLM_CACHE_ROOT:-$xdg_cache/vllm}"
     if [ -n "${HF_HUB_CACHE:-}" ]; then
         check_writable_dir HF_HUB_CACHE "$HF_HUB_CACHE"
     fi

@@ -176,11 +176,15 @@ def k8s_one(documents: list[dict], kind: str) -> dict:
 
 
 def clean_lnarize_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """os.environ without LNARIZE_* / HF token variables, plus `extra`."""
+    """os.environ without the variables the entrypoint reads (LNARIZE_*, token, caches, GPU), plus `extra`."""
+    read_by_entrypoint = (
+        "HF_TOKEN", "HF_TOKEN_PATH", "CUDA_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_CACHE", "VLLM_CACHE_ROOT",
+        "XDG_CACHE_HOME", "ENTRYPOINT_SKIP_GPU_CHECK",
+    )
     base = {
         key: value
         for key, value in os.environ.items()
-        if not key.upper().startswith("LNARIZE_") and key not in ("HF_TOKEN", "HF_TOKEN_PATH", "CUDA_VISIBLE_DEVICES")
+        if not key.upper().startswith("LNARIZE_") and key not in read_by_entrypoint
     }
     base.update(extra or {})
     return base

@@ -191,3 +191,13 @@ def test_is_posix_sh_with_errexit_and_nounset() -> None:
     assert "exec lnarize-serve \"$@\"" in text
     assert "set -x" not in text  # would echo the token
     assert sys.platform != "win32"
+
+
+def test_unset_cache_vars_are_checked_at_their_library_defaults(tmp_path) -> None:
+    # HF_HOME and VLLM_CACHE_ROOT unset: huggingface_hub and vLLM fall back to $XDG_CACHE_HOME/...
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {"XDG_CACHE_HOME": str(blocker), "ENTRYPOINT_SKIP_GPU_CHECK": "1"}
+    result = run_entrypoint("serve", env=env, timeout=30)
+    assert result.returncode == 1
+    assert f"cache directory HF_HOME={blocker}/huggingface is not writable" in result.stderr
