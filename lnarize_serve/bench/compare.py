@@ -37,6 +37,8 @@ class Arm:
     target: Target
     # CPU seconds used so far by the server (process tree); None if not ours to watch.
     cpu_seconds: Callable[[], float] | None = None
+    # CPU seconds used so far by the server's HTTP/API process alone.
+    frontend_cpu_seconds: Callable[[], float] | None = None
 
 
 @dataclass
@@ -47,6 +49,8 @@ class ArmMeasurement:
     stats: CellStats
     raw: list[RequestResult] = field(repr=False)
     other_arm_cpu_s: float | None
+    # The arm's own API process, per request sent in the cell (warm-up included).
+    frontend_cpu_ms_per_request: float | None = None
 
 
 @dataclass
@@ -64,6 +68,9 @@ class CellComparison:
     pooled_b: CellStats
     # The same arm round to round: the noise floor of one arm.
     a_throughput_cv: float | None
+    # API-process CPU per request (median over rounds), per arm.
+    frontend_cpu_ms_a: float | None = None
+    frontend_cpu_ms_b: float | None = None
 
     @property
     def pooled_throughput_ratio(self) -> float:
@@ -87,6 +94,8 @@ class CellComparison:
             "ttft_p50_diff_ms_per_round": self.ttft_p50_diffs_ms,
             "itl_p50_diff_ms_per_round": self.itl_p50_diffs_ms,
             "a_throughput_cv": self.a_throughput_cv,
+            "frontend_cpu_ms_per_request_a": self.frontend_cpu_ms_a,
+            "frontend_cpu_ms_per_request_b": self.frontend_cpu_ms_b,
             "a": self.pooled_a.to_dict(),
             "b": self.pooled_b.to_dict(),
         }
@@ -114,6 +123,7 @@ async def run_alternating(
                 other = arms[1] if arm is arms[0] else arms[0]
                 await asyncio.sleep(settle_s)
                 other_before = other.cpu_seconds() if other.cpu_seconds else None
+                frontend_before = arm.frontend_cpu_seconds() if arm.frontend_cpu_seconds else None
                 raw: list[RequestResult] = []
                 try:
                     stats = await run_cell(
@@ -122,7 +132,11 @@ async def run_alternating(
                 except DeadlineReached:
                     return measurements, False
                 other_cpu = other.cpu_seconds() - other_before if other.cpu_seconds and other_before is not None else None
-                measurement = ArmMeasurement(arm.name, round_index, position, stats, raw, other_cpu)
+                frontend_ms = None
+                if arm.frontend_cpu_seconds and frontend_before is not None:
+                    sent = spec.warmup_requests(cell) + stats.requests + stats.errors
+                    frontend_ms = 1000.0 * (arm.frontend_cpu_seconds() - frontend_before) / max(sent, 1)
+                measurement = ArmMeasurement(arm.name, round_index, position, stats, raw, other_cpu, frontend_ms)
                 measurements.append(measurement)
                 on_measured(measurement)
                 if not stats.complete:
@@ -169,9 +183,16 @@ def compare_cells(measurements: Sequence[ArmMeasurement], a: str, b: str) -> lis
                 pooled_a=_pooled(cell, [p[a] for p in pairs]),
                 pooled_b=_pooled(cell, [p[b] for p in pairs]),
                 a_throughput_cv=_cv([p[a].stats.output_tok_s for p in pairs]),
+                frontend_cpu_ms_a=_median([p[a].frontend_cpu_ms_per_request for p in pairs]),
+                frontend_cpu_ms_b=_median([p[b].frontend_cpu_ms_per_request for p in pairs]),
             )
         )
     return comparisons
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
 
 
 def _pooled(cell: Cell, measurements: Sequence[ArmMeasurement]) -> CellStats:

@@ -140,13 +140,15 @@ async def _measure(console: Console, args: argparse.Namespace, plan, deadline: f
             for note in target.notes:
                 console.print(f"[dim]{name}: {note}[/dim]")
         arms = (
-            Arm(VLLM_ARM, http_a, target_a, plan.vllm.cpu_seconds),
-            Arm(LNARIZE_ARM, http_b, target_b, plan.lnarize.cpu_seconds),
+            Arm(VLLM_ARM, http_a, target_a, plan.vllm.cpu_seconds, plan.vllm.frontend_cpu_seconds),
+            Arm(LNARIZE_ARM, http_b, target_b, plan.lnarize.cpu_seconds, plan.lnarize.frontend_cpu_seconds),
         )
         lines: list[str] = []
 
         def on_measured(m) -> None:
             idle = "" if m.other_arm_cpu_s is None else f", idle arm used {m.other_arm_cpu_s:.2f} CPU s"
+            if m.frontend_cpu_ms_per_request is not None:
+                idle += f", API process {m.frontend_cpu_ms_per_request:.1f} CPU ms/request"
             line = (f"round {m.round_index} {m.arm:>13} c={m.stats.concurrency:<3} p={m.stats.prompt_tokens:<5} "
                     f"{m.stats.output_tok_s:8.1f} tok/s  TTFT p50 {m.stats.ttft_ms_p50 or float('nan'):8.1f} ms"
                     f"  window {m.stats.window_s:6.1f} s{idle}")
@@ -189,7 +191,7 @@ async def _measure(console: Console, args: argparse.Namespace, plan, deadline: f
         "comparisons": [c.to_dict() for c in comparisons],
         "measurements": [
             {"arm": m.arm, "round": m.round_index, "order": m.order, "idle_arm_cpu_s": m.other_arm_cpu_s,
-             **m.stats.to_dict()}
+             "frontend_cpu_ms_per_request": m.frontend_cpu_ms_per_request, **m.stats.to_dict()}
             for m in measurements
         ],
     }
@@ -231,7 +233,8 @@ def comparison_table(comparisons) -> Table:
     title = escape("lnarize-serve vs plain vLLM (per-round values: median [min, max])")
     table = Table(title=title, title_justify="left")
     for name in ("conc", "prompt", "rounds", "vLLM tok/s", "ours tok/s", "ratio pooled", "ratio per round",
-                 "vLLM TTFT p50", "ours TTFT p50", "dTTFT pooled", "dTTFT per round", "dITL p50", "vLLM CV"):
+                 "vLLM TTFT p50", "ours TTFT p50", "dTTFT pooled", "dTTFT per round", "dITL p50", "vLLM CV",
+             "API CPU ms/req vLLM", "ours"):
         table.add_column(name, justify="right")
     for c in comparisons:
         diff = c.pooled_ttft_p50_diff_ms
@@ -249,7 +252,10 @@ def comparison_table(comparisons) -> Table:
             _spread_text(c.ttft_p50_diffs_ms, "+.1f"),
             _spread_text(c.itl_p50_diffs_ms, "+.2f"),
             "-" if c.a_throughput_cv is None else f"{100 * c.a_throughput_cv:.1f}%",
+            "-" if c.frontend_cpu_ms_a is None else f"{c.frontend_cpu_ms_a:.1f}",
+            "-" if c.frontend_cpu_ms_b is None else f"{c.frontend_cpu_ms_b:.1f}",
         )
     table.caption = ("ratio = lnarize-serve / vLLM output tok/s; dTTFT = lnarize-serve - vLLM (ms); "
-                     "vLLM CV = round-to-round variation of vLLM's own throughput (the noise floor)")
+                     "vLLM CV = round-to-round variation of vLLM's own throughput (the noise floor); "
+                     "API CPU = CPU time of the HTTP/API process per request (the wrapper's own cost)")
     return table

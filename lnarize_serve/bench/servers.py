@@ -118,6 +118,20 @@ class ServerProcess:
                 continue
         return total
 
+    def frontend_cpu_seconds(self) -> float:
+        """CPU time of the HTTP/API process alone (the engine core runs in child processes).
+
+        This is where a wrapper's cost lands, and unlike latency it barely
+        moves when other jobs share the machine.
+        """
+        if self.process is None:
+            return 0.0
+        try:
+            times = psutil.Process(self.process.pid).cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return times.user + times.system
+
     def stop(self, grace_s: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
