@@ -47,6 +47,9 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     namespace = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+    # Folds reasoning_parser into structured_outputs_config, where the serving
+    # classes read it (idempotent; vLLM does the same when building the engine).
+    engine_args.create_structured_outputs_config()
     for field in dataclasses.fields(engine_args):
         if not field.name.startswith("_"):
             setattr(namespace, field.name, getattr(engine_args, field.name))
