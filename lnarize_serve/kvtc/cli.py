@@ -68,7 +68,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF model folder (default: the SmolLM2 demo model, converted once).")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if present).")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared box more threads spin and crawl).")
 
 
 def _budget_args(parser: argparse.ArgumentParser, default_key: float | None,

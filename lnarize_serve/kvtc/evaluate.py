@@ -1,8 +1,8 @@
 """Quality per byte of KV-cache methods on a real model, compressed-context decode.
 
-For each held-out sequence of ``context + continuation`` tokens, one forward
-pass simulates what a paged cache serves: context positions attend exactly
-(the context is prefilled in one chunk, from the K/V in hand); every
+For each held-out sequence of ``context + continuation`` tokens, the context
+is prefilled once, exactly (one chunk, attending to the K/V in hand); then,
+per method, the continuation runs over that cache and every
 continuation position attends to the *stored* (compressed) K/V of all earlier
 tokens, except the tokens the cache keeps exact (sinks, a recent window) and
 itself (the current decode step's K/V are in hand). Continuation tokens are
@@ -68,14 +68,17 @@ class CompressedContextAttention:
     def __call__(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: Any, scaling: float | None = None, **kwargs: Any):
         layer = int(module.layer_idx)
-        batch, num_q_heads, length, head_dim = query.shape
-        num_kv_heads = key.shape[1]
+        batch, num_q_heads, num_queries, head_dim = query.shape
+        num_kv_heads, num_keys = key.shape[1], key.shape[2]
         group = num_q_heads // num_kv_heads
         scale = scaling if scaling is not None else head_dim ** -0.5
-        q = query.float().view(batch, num_kv_heads, group, length, head_dim)
+        q = query.float().view(batch, num_kv_heads, group, num_queries, head_dim)
         k, v = key.float(), value.float()
-        positions = torch.arange(length, device=query.device)
-        causal = positions[None, :] <= positions[:, None]
+        # queries are the last num_queries positions (a cache may hold the rest)
+        q_pos = num_keys - num_queries + torch.arange(num_queries, device=query.device)
+        k_pos = torch.arange(num_keys, device=query.device)
+        i, j = q_pos[:, None], k_pos[None, :]
+        causal = j <= i
         exact_scores = torch.einsum("bhgid,bhjd->bhgij", q, k) * scale
         probs_exact = torch.softmax(exact_scores.masked_fill(~causal, float("-inf")), dim=-1)
         out_exact = torch.einsum("bhgij,bhjd->bhgid", probs_exact, v)
@@ -83,7 +86,6 @@ class CompressedContextAttention:
             out = out_exact
         else:
             k_c, v_c = self.method.transform(layer, k, v)
-            i, j = positions[:, None], positions[None, :]
             keep_exact = ((i < self.context_len) | (j < self.exact.sinks)
                           | (j >= i - self.exact.window))
             scores = torch.where(keep_exact, exact_scores,
@@ -91,24 +93,37 @@ class CompressedContextAttention:
             probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
             out = (torch.einsum("bhgij,bhjd->bhgid", probs * keep_exact, v)
                    + torch.einsum("bhgij,bhjd->bhgid", probs * ~keep_exact, v_c.float()))
-            cont = slice(self.context_len, None)
-            diff = (out[..., cont, :] - out_exact[..., cont, :]).pow(2).sum().item()
+            scored = q_pos >= self.context_len
+            diff = (out[..., scored, :] - out_exact[..., scored, :]).pow(2).sum().item()
             self.err_sq[layer] = self.err_sq.get(layer, 0.0) + diff
             self.ref_sq[layer] = (self.ref_sq.get(layer, 0.0)
-                                  + out_exact[..., cont, :].pow(2).sum().item())
-        out = out.view(batch, num_q_heads, length, head_dim).transpose(1, 2).contiguous()
+                                  + out_exact[..., scored, :].pow(2).sum().item())
+        out = out.reshape(batch, num_q_heads, num_queries, head_dim).transpose(1, 2).contiguous()
         return out.to(query.dtype), None
 
 
 @torch.no_grad()
-def continuation_logits(model: Any, tokens: torch.Tensor, method: KVMethod | None,
+def prefill_context(model: Any, tokens: torch.Tensor, context_len: int) -> Any:
+    """Exact prefill of the context (what every method shares): its KV cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=tokens[None, :context_len], past_key_values=cache, use_cache=True)
+    return cache
+
+
+@torch.no_grad()
+def continuation_logits(model: Any, tokens: torch.Tensor, cache: Any, method: KVMethod | None,
                         context_len: int, exact: ExactTokens
                         ) -> tuple[torch.Tensor, CompressedContextAttention]:
-    """Logits [T_cont - 1, V] at continuation positions context_len..end-2."""
+    """Logits [T_cont - 1, V] at continuation positions context_len..end-2,
+    the context's K/V taken from ``cache`` (restored to the context after)."""
     handler = CompressedContextAttention(method, context_len, exact)
     with attention_override(model, handler):
-        logits = model(input_ids=tokens[None, :], use_cache=False).logits[0]
-    return logits[context_len:-1].float(), handler
+        logits = model(input_ids=tokens[None, context_len:], past_key_values=cache,
+                       use_cache=True).logits[0]
+    cache.crop(context_len - tokens.shape[0])  # drop the continuation again
+    return logits[:-1].float(), handler
 
 
 @torch.no_grad()
@@ -122,13 +137,14 @@ def evaluate_methods(model: Any, sequences: list[list[int]], context_len: int,
     for sequence in sequences:
         tokens = torch.tensor(sequence, device=device)
         targets = tokens[context_len + 1:]
-        ref_logits, _ = continuation_logits(model, tokens, None, context_len, ExactTokens())
+        cache = prefill_context(model, tokens, context_len)
+        ref_logits, _ = continuation_logits(model, tokens, cache, None, context_len, ExactTokens())
         ref_logp = F.log_softmax(ref_logits, dim=-1)
         ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
         ref_top = ref_logp.argmax(-1)
         count += targets.numel()
         for slot, (method, exact) in zip(stats, methods):
-            logits, handler = continuation_logits(model, tokens, method, context_len, exact)
+            logits, handler = continuation_logits(model, tokens, cache, method, context_len, exact)
             logp = F.log_softmax(logits, dim=-1)
             slot["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             slot["top1"] += (logp.argmax(-1) == ref_top).sum().item()
