@@ -98,6 +98,11 @@ class KVTCAttentionBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
     @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        # the decode/prefill split is planned from the CPU query lengths
+        return False
+
+    @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         """Declare the compressed bytes per token per KV head (idempotent)."""
         if spec.state_content_bytes is not None:
