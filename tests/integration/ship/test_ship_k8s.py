@@ -81,6 +81,10 @@ def test_grace_period_covers_prestop_plus_the_configured_drain(pod, container, m
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + EXIT_MARGIN_SECONDS
 
 
+def test_an_init_process_reaps_children_as_compose_init_does(pod) -> None:
+    assert pod["shareProcessNamespace"] is True
+
+
 def test_shm_is_a_memory_volume(pod, container) -> None:
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
