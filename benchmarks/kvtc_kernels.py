@@ -233,7 +233,7 @@ def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_c
     cache = torch.randint(0, 256, (total_blocks, KV_HEADS, block_size, layer.slot_bytes),
                           dtype=torch.uint8, device=DEV)
     splits = default_num_splits(batch, KV_HEADS, ctx, kvtc_cfg["block_t"],
-                                programs_per_sm=kvtc_cfg.get("programs_per_sm", 2))
+                                programs_per_sm=kvtc_cfg.get("programs_per_sm", 8))
     fn = kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, kvtc_cfg)
     table_bytes = 4 * KV_HEADS * HEAD_DIM * (int((layer.keys.bits > 0).sum(1).max())
                                              + int((layer.values.bits > 0).sum(1).max()) + 2)
@@ -300,16 +300,16 @@ def bench_write(timer, tables, layer, stats, sizes, gen) -> list[dict]:
 # tokens per sequence; measured by --sweep (docs/kvtc-kernels.md).
 DEFAULT_CONFIG = {
     1: {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4, "num_stages": 2,
-        "programs_per_sm": 2},
+        "programs_per_sm": 8},
     4: {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4, "num_stages": 2,
-        "programs_per_sm": 2},
+        "programs_per_sm": 8},
 }
 KERNEL_KNOBS = ("block_t", "num_warps", "num_stages", "variant", "tables_in_loop")
 
 
 def kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, cfg, compiled=None):
     splits = default_num_splits(lens.shape[0], KV_HEADS, ctx, cfg["block_t"],
-                                programs_per_sm=cfg.get("programs_per_sm", 2))
+                                programs_per_sm=cfg.get("programs_per_sm", 8))
     knobs = {k: cfg[k] for k in KERNEL_KNOBS if k in cfg}
     return lambda: decode_attention(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,
                                     num_splits=splits, compiled=compiled, **knobs)
@@ -337,9 +337,9 @@ def sweep_configs(timer, tables, layer, gen, quick: bool) -> tuple[dict, list]:
         q = torch.randn(nq, Q_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
         options = []
         grid = [(v, t, bt, w, pps) for v in (1, 2) for t in (False, True)
-                for bt in (32, 64) for w in (4, 8) for pps in (2, 4)]
-        if quick:
-            grid = [g for g in grid if g[1] and g[4] == 2]
+                for bt in (32, 64) for w in (4, 8) for pps in (4, 8, 16)]
+        if quick:  # what the earlier full sweeps left open
+            grid = [(v, True, bt, 4, pps) for v in (1, 2) for bt in (32, 64) for pps in (4, 8, 16)]
         for variant, in_loop, block_t, warps, per_sm in grid:
             cfg = {"variant": variant, "tables_in_loop": in_loop, "block_t": block_t,
                    "num_warps": warps, "num_stages": 2, "programs_per_sm": per_sm}
@@ -362,6 +362,37 @@ def sweep_configs(timer, tables, layer, gen, quick: bool) -> tuple[dict, list]:
         log(f"best for nq={nq}: {best[nq]}")
     del cache, cache16
     return best, report
+
+
+def kernel_breakdown(tables, layer, cfgs, gen) -> list[dict]:
+    """Per-kernel device time (profiler) of one decode call, for a few cells."""
+    from torch.profiler import ProfilerActivity, profile
+    rows = []
+    for batch, ctx in ((1, 65536), (16, 16384), (16, 65536)):
+        table, total_blocks = paged_layout([ctx] * batch, 16, gen)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+        cache = torch.randint(0, 256, (total_blocks, KV_HEADS, 16, layer.slot_bytes),
+                              dtype=torch.uint8, device=DEV)
+        for nq in (1, 4):
+            qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEV) * nq
+            q = torch.randn(batch * nq, Q_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16)
+            fn = kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, cfgs[nq])
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+            times: dict[str, float] = {}
+            for evt in prof.key_averages():
+                if "_kvtc_" in evt.key and evt.device_time_total > 0:
+                    times[evt.key] = evt.device_time_total / evt.count / 1e3  # ms
+            row = {"batch": batch, "context": ctx, "q_tokens": nq, **times}
+            rows.append(row)
+            log(f"breakdown B={batch} ctx={ctx} q={nq}: "
+                + ", ".join(f"{k.replace('_kvtc_', '')} {v:.4f} ms" for k, v in times.items()))
+        del cache
+    return rows
 
 
 # -------------------------------------------------------------------- main
@@ -457,7 +488,7 @@ def main() -> int:
         best, sweep = {1: DEFAULT_CONFIG[1], 4: DEFAULT_CONFIG[4]}, []
     else:
         best, sweep = sweep_configs(timer, tables, layer, gen, args.sweep == "quick")
-    for variant in (0, 1, 2, 3):
+    for variant in (0, 1, 2):
         cfg = {**best[4], "variant": variant}
         check_decode(layer, stats, tables, checks, [1, 300 // s, 5000 // s], [1, 4, 3], 16, gen,
                      "calibrated", f"ragged calibrated bs16 v{variant}", cfg)
@@ -478,9 +509,11 @@ def main() -> int:
                      "calibrated", "B4 ragged up to 64K bs128", best[4])
     all_ok = all(c["ok"] for c in checks)
     log(f"correctness: {'ALL OK' if all_ok else 'FAILURES'}")
+    breakdown = [] if cpu else kernel_breakdown(tables, layer, best, gen)
     if args.sweep_only:
         (args.out / "kvtc_sweep.json").write_text(json.dumps(
-            {"info": info, "checks": checks, "best": best, "sweep": sweep}, indent=2))
+            {"info": info, "checks": checks, "best": best, "sweep": sweep,
+             "breakdown": breakdown}, indent=2))
         return 0 if all_ok else 1
 
     write_rows = bench_write(timer, tables, layer, stats,
@@ -500,7 +533,7 @@ def main() -> int:
                     f"fp8 {row['fp8_triton_ms']:.4f}, sdpa {row['sdpa_ms']:.4f}")
 
     result = {"info": info, "checks": checks, "best_configs": {str(k): v for k, v in best.items()},
-              "sweep": sweep,
+              "sweep": sweep, "breakdown": breakdown,
               "write": write_rows, "decode": rows}
     (args.out / "kvtc_kernels.json").write_text(json.dumps(result, indent=2))
     if not cpu:

@@ -1,17 +1,22 @@
 """Decode attention straight from KVTC slots (flash-decoding with split-K).
 
-Three launches per call:
+Four launches per call:
 
-1. ``_kvtc_project_kernel`` (one program per sequence and KV head): project
-   the GQA group's query rows into the key basis once,
+1. ``_kvtc_project_kernel`` (sequence, KV head, column slab): project the GQA
+   group's query rows into the key basis once,
    ``qs = (q . basis_j) * scale_j * softmax_scale * log2(e)`` (fp16 for the
-   tensor cores) and the per-row constant ``q . mean - sum_j qs_j zero_j``.
-2. ``_kvtc_split_kernel`` (sequence, KV head, split): stream the split's
-   slots, unpack key codes with one shift + mask per code, scores =
-   ``qs @ codes^T`` on tensor cores, online softmax, and accumulate
-   ``p @ value codes`` in code space. Writes (max, sum, acc) per split.
-3. ``_kvtc_combine_kernel`` (sequence, KV head): merge the splits, then one
-   inverse projection per row: ``out = mean + ((acc/l - zero) * scale) @ basis``.
+   tensor cores), plus the per-row constant ``q . offset`` (offset = mean -
+   sum_j zero_j scale_j basis_j), which only the LSE needs.
+2. ``_kvtc_split_kernel`` (split, KV head, sequence): stream the split's
+   slots, unpack codes with one shift + mask each (per-column constants of
+   the word grid, see tables.py), scores = ``qs @ codes^T`` on tensor cores,
+   online softmax, and accumulate ``p @ value codes`` in code space. Writes
+   (max, sum, acc) per split.
+3. ``_kvtc_merge_kernel`` (sequence x head, query row, column slab): merge
+   all splits at once and turn code sums into coefficients
+   ``(acc / l - zero) * scale``.
+4. ``_kvtc_unproject_kernel`` (sequence, head, head_dim slab): one inverse
+   projection per row, ``out = mean + coeff @ basis``.
 
 Query rows of one program are (query token i, head g of the group) with
 row = i * G + g, so up to 4 MTP tokens share every slot read; token i sees
@@ -35,12 +40,15 @@ _EMPTY = -1.0e30  # running max of a row that has seen nothing (finite: no inf-i
 @triton.jit
 def _kvtc_project_kernel(
         q_ptr, q_stride_t, q_stride_h, query_start_loc_ptr,
-        mean_ptr, basis_ptr, scale_ptr, zero_ptr,
+        offset_ptr, basis_ptr, scale_ptr,
         qs_ptr, qconst_ptr, qk_scale,
         GROUP: tl.constexpr, MAX_Q: tl.constexpr, ROWS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, C: tl.constexpr):
+        HEAD_DIM: tl.constexpr, C: tl.constexpr, SLAB: tl.constexpr, D_CHUNK: tl.constexpr):
+    """qs[:, slab] = (q @ basis[slab]^T) * scale * qk_scale; slab 0 also writes
+    the per-row constant q . offset * qk_scale. Grid (sequence, head, C / SLAB)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    slab = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     q_start = tl.load(query_start_loc_ptr + seq)
     num_q = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -48,20 +56,23 @@ def _kvtc_project_kernel(
     tok = rows // GROUP
     row_ok = (rows < MAX_Q * GROUP) & (tok < num_q)
     q_rows = q_ptr + (q_start + tok).to(tl.int64) * q_stride_t + (head * GROUP + rows % GROUP) * q_stride_h
-    cols = tl.arange(0, C)
+    cols = slab * SLAB + tl.arange(0, SLAB)
     dk = tl.arange(0, D_CHUNK)
-    proj = tl.zeros((ROWS, C), dtype=tl.float32)
-    q_mean = tl.zeros((ROWS,), dtype=tl.float32)
-    for d0 in range(0, HEAD_DIM, D_CHUNK):
-        q = tl.load(q_rows[:, None] + (d0 + dk)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    proj = tl.zeros((ROWS, SLAB), dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, D_CHUNK):  # chunked: whole-d tiles spill at 32 rows
+        q = tl.load(q_rows[:, None] + (d0 + dk)[None, :], mask=row_ok[:, None], other=0.0)
         basis = tl.load(basis_ptr + (head * C + cols)[:, None] * HEAD_DIM + (d0 + dk)[None, :])
-        proj += tl.dot(q, tl.trans(basis), input_precision="ieee")
-        q_mean += tl.sum(q * tl.load(mean_ptr + head * HEAD_DIM + d0 + dk)[None, :], axis=1)
+        proj += tl.dot(q.to(tl.float32), tl.trans(basis), input_precision="tf32x3")  # ~fp32
     qs = proj * tl.load(scale_ptr + head * C + cols)[None, :] * qk_scale
-    qconst = q_mean * qk_scale - tl.sum(qs * tl.load(zero_ptr + head * C + cols)[None, :], axis=1)
     out = (seq * num_kv_heads + head).to(tl.int64)
     tl.store(qs_ptr + out * ROWS * C + rows[:, None] * C + cols[None, :], qs.to(tl.float16))
-    tl.store(qconst_ptr + out * ROWS + rows, qconst)
+    if slab == 0:
+        q_offset = tl.zeros((ROWS,), dtype=tl.float32)
+        for d0 in range(0, HEAD_DIM, D_CHUNK):
+            q = tl.load(q_rows[:, None] + (d0 + dk)[None, :], mask=row_ok[:, None], other=0.0)
+            q_offset += tl.sum(q.to(tl.float32)
+                               * tl.load(offset_ptr + head * HEAD_DIM + d0 + dk)[None, :], axis=1)
+        tl.store(qconst_ptr + out * ROWS + rows, q_offset * qk_scale)
 
 
 @triton.jit
@@ -89,63 +100,40 @@ def _codes_3d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.co
 
 @triton.jit
 def _codes_2d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.constexpr,
-              KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr,
-              GATHER: tl.constexpr):
-    """[BLOCK_T, C] fp16 codes with shift/mask as [C] vectors. GATHER: every
-    element loads its own word (the compiler keeps the tile in the layout its
-    consumer wants); else the [T, NW] words are loaded once and broadcast."""
+              KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr):
+    """[BLOCK_T, C] fp16 codes with shift/mask as [C] vectors: the [T, NW]
+    words are loaded once and broadcast to their KP columns each."""
     C: tl.constexpr = NWP * KP
-    word_of = tl.arange(0, C) // KP
-    if GATHER:
-        ptrs = words_base + row[:, None] + word_of[None, :]
-        lo = tl.load(ptrs, mask=tok_ok[:, None] & (word_of < NW)[None, :], other=0)
-        lo = lo.to(tl.uint32, bitcast=True)
-        if STRADDLES:
-            hi = tl.load(ptrs + 1, mask=tok_ok[:, None] & (word_of + 1 < NW)[None, :], other=0)
-            hi = hi.to(tl.uint32, bitcast=True)
-    else:
-        w = tl.arange(0, NWP)
-        wptrs = words_base + row[:, None] + w[None, :]
-        words = tl.load(wptrs, mask=tok_ok[:, None] & (w < NW)[None, :], other=0)
-        lo = tl.reshape(tl.broadcast_to(words.to(tl.uint32, bitcast=True)[:, :, None],
-                                        (BLOCK_T, NWP, KP)), (BLOCK_T, C))
-        if STRADDLES:
-            nxt = tl.load(wptrs + 1, mask=tok_ok[:, None] & (w + 1 < NW)[None, :], other=0)
-            hi = tl.reshape(tl.broadcast_to(nxt.to(tl.uint32, bitcast=True)[:, :, None],
-                                            (BLOCK_T, NWP, KP)), (BLOCK_T, C))
+    w = tl.arange(0, NWP)
+    wptrs = words_base + row[:, None] + w[None, :]
+    words = tl.load(wptrs, mask=tok_ok[:, None] & (w < NW)[None, :], other=0)
+    lo = tl.reshape(tl.broadcast_to(words.to(tl.uint32, bitcast=True)[:, :, None],
+                                    (BLOCK_T, NWP, KP)), (BLOCK_T, C))
     codes = lo >> shift[None, :]
     if STRADDLES:
+        nxt = tl.load(wptrs + 1, mask=tok_ok[:, None] & (w + 1 < NW)[None, :], other=0)
+        hi = tl.reshape(tl.broadcast_to(nxt.to(tl.uint32, bitcast=True)[:, :, None],
+                                        (BLOCK_T, NWP, KP)), (BLOCK_T, C))
         codes = codes | ((hi << 1) << (31 - shift[None, :]))
     return _to_half(codes & mask[None, :])
 
 
 @triton.jit
 def _codes_2d_t(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.constexpr,
-                KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr,
-                GATHER: tl.constexpr):
+                KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr):
     """Transposed :func:`_codes_2d`: [C, BLOCK_T] (the A operand of p @ codes
     computed as codes^T @ p^T)."""
     C: tl.constexpr = NWP * KP
-    word_of = tl.arange(0, C) // KP
-    if GATHER:
-        ptrs = words_base + row[None, :] + word_of[:, None]
-        lo = tl.load(ptrs, mask=tok_ok[None, :] & (word_of < NW)[:, None], other=0)
-        lo = lo.to(tl.uint32, bitcast=True)
-        if STRADDLES:
-            hi = tl.load(ptrs + 1, mask=tok_ok[None, :] & (word_of + 1 < NW)[:, None], other=0)
-            hi = hi.to(tl.uint32, bitcast=True)
-    else:
-        w = tl.arange(0, NWP)
-        wptrs = words_base + row[None, :] + w[:, None]
-        words = tl.load(wptrs, mask=tok_ok[None, :] & (w < NW)[:, None], other=0)
-        lo = tl.reshape(tl.broadcast_to(words.to(tl.uint32, bitcast=True)[:, None, :],
-                                        (NWP, KP, BLOCK_T)), (C, BLOCK_T))
-        if STRADDLES:
-            nxt = tl.load(wptrs + 1, mask=tok_ok[None, :] & (w + 1 < NW)[:, None], other=0)
-            hi = tl.reshape(tl.broadcast_to(nxt.to(tl.uint32, bitcast=True)[:, None, :],
-                                            (NWP, KP, BLOCK_T)), (C, BLOCK_T))
+    w = tl.arange(0, NWP)
+    wptrs = words_base + row[None, :] + w[:, None]
+    words = tl.load(wptrs, mask=tok_ok[None, :] & (w < NW)[:, None], other=0)
+    lo = tl.reshape(tl.broadcast_to(words.to(tl.uint32, bitcast=True)[:, None, :],
+                                    (NWP, KP, BLOCK_T)), (C, BLOCK_T))
     codes = lo >> shift[:, None]
     if STRADDLES:
+        nxt = tl.load(wptrs + 1, mask=tok_ok[None, :] & (w + 1 < NW)[:, None], other=0)
+        hi = tl.reshape(tl.broadcast_to(nxt.to(tl.uint32, bitcast=True)[:, None, :],
+                                        (NWP, KP, BLOCK_T)), (C, BLOCK_T))
         codes = codes | ((hi << 1) << (31 - shift[:, None]))
     return _to_half(codes & mask[:, None])
 
@@ -163,7 +151,7 @@ def _kvtc_split_kernel(
         VALID_ROWS: tl.constexpr):
     """VARIANT 0: rows x tokens (codes are the dot's B operand), 3-D extract;
     1: same, 2-D broadcast extract; 2: tokens x rows (codes are the A
-    operand, kept in registers), broadcast extract; 3: as 2, gathered loads.
+    operand, kept in registers), broadcast extract.
     TABLES_IN_LOOP re-reads the per-column shift/mask tables (L1-resident)
     every iteration instead of pinning ~4 registers per column (variants 1-3)."""
     split = tl.program_id(0)
@@ -179,8 +167,7 @@ def _kvtc_split_kernel(
 
     KC: tl.constexpr = K_NWP * K_KP
     VC: tl.constexpr = V_NWP * V_KP
-    TRANSPOSED: tl.constexpr = VARIANT >= 2
-    GATHER: tl.constexpr = VARIANT == 3
+    TRANSPOSED: tl.constexpr = VARIANT == 2
     rows = tl.arange(0, ROWS)
     kcols = tl.arange(0, KC)
     vcols = tl.arange(0, VC)
@@ -223,7 +210,7 @@ def _kvtc_split_kernel(
             v_mask = tl.load(v_mask_ptr + head * VC + vgrid, mask=v_live, other=0).to(tl.uint32)
         if TRANSPOSED:
             k_codes = _codes_2d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
-                                K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES, GATHER)
+                                K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES)
             scores = tl.dot(k_codes, qs) + qconst[None, :]  # [T, ROWS]
             visible = tok_ok[:, None] & (pos[:, None] <= last_visible[None, :])
             scores = tl.where(visible, scores, float("-inf"))
@@ -232,7 +219,7 @@ def _kvtc_split_kernel(
             probs = tl.exp2(scores - new_max[None, :])
             run_sum = run_sum * alpha + tl.sum(probs, axis=0)
             v_codes = _codes_2d_t(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
-                                  V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES, GATHER)
+                                  V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES)
             acc = acc * alpha[None, :] + tl.dot(v_codes, probs.to(tl.float16))  # [VC, ROWS]
         else:
             if VARIANT == 0:
@@ -240,7 +227,7 @@ def _kvtc_split_kernel(
                                     K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES)
             else:
                 k_codes = _codes_2d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
-                                    K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES, False)
+                                    K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES)
             scores = tl.dot(qs, tl.trans(k_codes)) + qconst[:, None]  # [ROWS, T]
             visible = tok_ok[None, :] & (pos[None, :] <= last_visible[:, None])
             scores = tl.where(visible, scores, float("-inf"))
@@ -253,7 +240,7 @@ def _kvtc_split_kernel(
                                     V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES)
             else:
                 v_codes = _codes_2d(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
-                                    V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES, False)
+                                    V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES)
             acc = acc * alpha[:, None] + tl.dot(probs.to(tl.float16), v_codes)  # [ROWS, VC]
         run_max = new_max
 
@@ -270,69 +257,81 @@ def _kvtc_split_kernel(
 
 
 @triton.jit
-def _kvtc_combine_kernel(
-        part_max_ptr, part_sum_ptr, part_acc_ptr, chunk_len, num_splits,
-        seq_lens_ptr, query_start_loc_ptr, qconst_ptr,
-        mean_ptr, basis_ptr, scale_ptr, zero_ptr,
-        out_ptr, out_stride_t, out_stride_h, lse_ptr, lse_stride_t,
-        GROUP: tl.constexpr, MAX_Q: tl.constexpr, ROWS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, VC: tl.constexpr,
-        WRITE_LSE: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+def _kvtc_merge_kernel(
+        part_max_ptr, part_sum_ptr, part_acc_ptr, chunk_len, num_splits, num_kv_heads,
+        seq_lens_ptr, query_start_loc_ptr, scale_ptr, zero_ptr, qconst_ptr, coeff_ptr,
+        lse_ptr, lse_stride_t,
+        GROUP: tl.constexpr, ROWS: tl.constexpr, VC: tl.constexpr, SLAB: tl.constexpr,
+        SPLITS_P2: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Merge the splits of one (sequence, head, query row, column slab) in one
+    shot (every split loaded at once: no serial chain of loads), and turn the
+    code-space sums into basis coefficients ``(acc / l - zero) * scale``."""
+    pair = tl.program_id(0)  # sequence * heads + head
+    row = tl.program_id(1)
+    slab = tl.program_id(2)
+    seq = pair // num_kv_heads
+    head = pair % num_kv_heads
+    q_start = tl.load(query_start_loc_ptr + seq)
+    num_q = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if row // GROUP >= num_q:
+        return
+    used = tl.cdiv(tl.load(seq_lens_ptr + seq), chunk_len)
+    splits = tl.arange(0, SPLITS_P2)
+    ok = splits < used
+    part = pair.to(tl.int64) * num_splits + splits
+    m = tl.load(part_max_ptr + part * ROWS + row, mask=ok, other=-1.0e30)
+    top = tl.max(m, axis=0)
+    weight = tl.where(ok, tl.exp2(m - top), 0.0)
+    total = tl.sum(weight * tl.load(part_sum_ptr + part * ROWS + row, mask=ok, other=0.0), axis=0)
+    cols = slab * SLAB + tl.arange(0, SLAB)
+    acc = tl.load(part_acc_ptr + (part * ROWS + row)[:, None] * VC + cols[None, :],
+                  mask=ok[:, None], other=0.0)
+    merged = tl.sum(acc * weight[:, None], axis=0) / total
+    coeff = (merged - tl.load(zero_ptr + head * VC + cols)) * tl.load(scale_ptr + head * VC + cols)
+    tl.store(coeff_ptr + (pair.to(tl.int64) * ROWS + row) * VC + cols, coeff)
+    if WRITE_LSE:
+        if slab == 0:
+            # natural-log LSE of the true scores (the per-row constant included),
+            # so a caller can merge this with attention over uncompressed tokens
+            lse = (top + tl.log2(total)) / 1.4426950408889634
+            tl.store(lse_ptr + (q_start + row // GROUP).to(tl.int64) * lse_stride_t
+                     + head * GROUP + row % GROUP, lse)
+
+
+@triton.jit
+def _kvtc_unproject_kernel(
+        coeff_ptr, query_start_loc_ptr, mean_ptr, basis_ptr,
+        out_ptr, out_stride_t, out_stride_h,
+        GROUP: tl.constexpr, MAX_Q: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        VC: tl.constexpr, D_SLAB: tl.constexpr, C_CHUNK: tl.constexpr):
+    """out[:, slab] = mean + coeff @ basis[:, slab]: one inverse projection per
+    query row and head. Grid (sequence, head, head_dim / D_SLAB)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    slab = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
     q_start = tl.load(query_start_loc_ptr + seq)
     num_q = tl.load(query_start_loc_ptr + seq + 1) - q_start
     rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, VC)
-    pair = (seq * num_kv_heads + head).to(tl.int64)
-    used_splits = tl.cdiv(seq_len, chunk_len)
-
-    # SPLIT_BLOCK splits per step, so that many partial loads are in flight
-    valid = rows < MAX_Q * GROUP
-    sb = tl.arange(0, SPLIT_BLOCK)
-    run_max = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
-    run_sum = tl.zeros((ROWS,), dtype=tl.float32)
-    acc = tl.zeros((ROWS, VC), dtype=tl.float32)
-    for s0 in range(0, used_splits, SPLIT_BLOCK):
-        part = pair * num_splits + s0 + sb  # [SB]
-        ok = ((s0 + sb) < used_splits)[:, None] & valid[None, :]  # [SB, ROWS]
-        m = tl.load(part_max_ptr + part[:, None] * ROWS + rows[None, :], mask=ok, other=-1.0e30)
-        s = tl.load(part_sum_ptr + part[:, None] * ROWS + rows[None, :], mask=ok, other=0.0)
-        a = tl.load(part_acc_ptr + part[:, None, None] * ROWS * VC + rows[None, :, None] * VC
-                    + cols[None, None, :], mask=ok[:, :, None], other=0.0)
-        new_max = tl.maximum(run_max, tl.max(m, axis=0))
-        old_w = tl.exp2(run_max - new_max)
-        new_w = tl.exp2(m - new_max[None, :])  # [SB, ROWS]
-        run_sum = run_sum * old_w + tl.sum(s * new_w, axis=0)
-        acc = acc * old_w[:, None] + tl.sum(a * new_w[:, :, None], axis=0)
-        run_max = new_max
-
-    safe_sum = tl.where(run_sum > 0, run_sum, 1.0)
-    coeff = (acc / safe_sum[:, None] - tl.load(zero_ptr + head * VC + cols)[None, :]) \
-        * tl.load(scale_ptr + head * VC + cols)[None, :]
     tok = rows // GROUP
     row_ok = (rows < MAX_Q * GROUP) & (tok < num_q)
+    pair = (seq * num_kv_heads + head).to(tl.int64)
+    dims = slab * D_SLAB + tl.arange(0, D_SLAB)
+    ck = tl.arange(0, C_CHUNK)
+    o = tl.zeros((ROWS, D_SLAB), dtype=tl.float32)
+    for c0 in range(0, VC, C_CHUNK):
+        coeff = tl.load(coeff_ptr + (pair * ROWS + rows)[:, None] * VC + (c0 + ck)[None, :],
+                        mask=row_ok[:, None], other=0.0)
+        basis = tl.load(basis_ptr + (head * VC + c0 + ck)[:, None] * HEAD_DIM + dims[None, :])
+        o += tl.dot(coeff, basis, input_precision="tf32x3")
+    o += tl.load(mean_ptr + head * HEAD_DIM + dims)[None, :]
     out_rows = out_ptr + (q_start + tok).to(tl.int64) * out_stride_t \
         + (head * GROUP + rows % GROUP) * out_stride_h
-    dk = tl.arange(0, D_CHUNK)
-    for d0 in range(0, HEAD_DIM, D_CHUNK):
-        basis = tl.load(basis_ptr + (head * VC + cols)[:, None] * HEAD_DIM + (d0 + dk)[None, :])
-        o = tl.dot(coeff, basis, input_precision="ieee") \
-            + tl.load(mean_ptr + head * HEAD_DIM + d0 + dk)[None, :]
-        tl.store(out_rows[:, None] + (d0 + dk)[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-    if WRITE_LSE:
-        # natural-log LSE of the true scores (the per-row constant included),
-        # so a caller can merge this with attention over uncompressed tokens
-        lse = (run_max + tl.log2(safe_sum)) / 1.4426950408889634
-        tl.store(lse_ptr + (q_start + tok).to(tl.int64) * lse_stride_t + head * GROUP + rows % GROUP,
-                 lse, mask=row_ok)
+    tl.store(out_rows[:, None] + dims[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_t: int,
-                       num_sms: int = 132, programs_per_sm: int = 2, min_chunk: int = 256) -> int:
+                       num_sms: int = 132, programs_per_sm: int = 8, min_chunk: int = 256) -> int:
     """Enough (sequence, head, split) programs to give every SM about
     ``programs_per_sm`` of them, without splits shorter than ``min_chunk``."""
     wanted = max(1, -(-programs_per_sm * num_sms // (batch * num_kv_heads)))
@@ -381,6 +380,8 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     rows = max(16, triton.next_power_of_2(max_query_len * group))
     if num_splits is None:
         num_splits = default_num_splits(batch, num_heads, max_seq_len, block_t)
+    if num_splits > 1024:
+        raise ValueError(f"num_splits {num_splits} > 1024 (the merge loads all splits at once)")
     chunk = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_t) * block_t
     if out is None:
         out = torch.empty_like(query)
@@ -388,21 +389,22 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
         if return_lse else out
     k, v = tables.keys, tables.values
     dev = query.device
+    valid_rows = max_query_len * group
     qs = torch.empty(batch, num_heads, rows, k.columns, dtype=torch.float16, device=dev)
     qconst = torch.empty(batch, num_heads, rows, dtype=torch.float32, device=dev)
     part_max = torch.empty(batch, num_heads, num_splits, rows, dtype=torch.float32, device=dev)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(batch, num_heads, num_splits, rows, v.columns,
                            dtype=torch.float32, device=dev)
+    coeff = torch.empty(batch, num_heads, rows, v.columns, dtype=torch.float32, device=dev)
     words = cache.view(torch.int32)
-    qk_scale = softmax_scale * _LOG2E
-    d_chunk = min(head_dim, max(16, 8192 // max(k.columns, v.columns)))
+    slab = min(64, k.columns)
 
-    _kvtc_project_kernel[(batch, num_heads)](
+    _kvtc_project_kernel[(batch, num_heads, k.columns // slab)](
         query, query.stride(0), query.stride(1), query_start_loc,
-        k.mean, k.basis, k.scale, k.zero, qs, qconst, qk_scale,
-        GROUP=group, MAX_Q=max_query_len, ROWS=rows, HEAD_DIM=head_dim,
-        D_CHUNK=d_chunk, C=k.columns, num_warps=4, num_stages=2)
+        k.offset, k.basis, k.scale, qs, qconst, softmax_scale * _LOG2E,
+        GROUP=group, MAX_Q=max_query_len, ROWS=rows, HEAD_DIM=head_dim, C=k.columns,
+        SLAB=slab, D_CHUNK=min(32, head_dim), num_warps=4)
     split_kernel = _kvtc_split_kernel[(num_splits, num_heads, batch)](
         words, words.stride(0), words.stride(1), words.stride(2),
         block_table, block_table.stride(0), seq_lens, query_start_loc, cache.shape[2],
@@ -412,14 +414,18 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
         K_NW=k.num_words, K_NWP=k.words_padded, K_KP=k.kmax_padded, K_STRADDLES=k.straddles,
         V_WORD0=v.word_offset, V_NW=v.num_words, V_NWP=v.words_padded, V_KP=v.kmax_padded,
         V_STRADDLES=v.straddles, VARIANT=variant, TABLES_IN_LOOP=tables_in_loop and variant > 0,
-        VALID_ROWS=max_query_len * group, num_warps=num_warps, num_stages=num_stages)
+        VALID_ROWS=valid_rows, num_warps=num_warps, num_stages=num_stages)
     if compiled is not None:
         compiled.append(split_kernel)
-    _kvtc_combine_kernel[(batch, num_heads)](
-        part_max, part_sum, part_acc, chunk, num_splits, seq_lens, query_start_loc, qconst,
-        v.mean, v.basis, v.scale, v.zero,
-        out, out.stride(0), out.stride(1), lse, lse.stride(0),
-        GROUP=group, MAX_Q=max_query_len, ROWS=rows, HEAD_DIM=head_dim,
-        D_CHUNK=d_chunk, VC=v.columns, WRITE_LSE=return_lse, SPLIT_BLOCK=4, num_warps=8,
-        num_stages=2)
+    merge_slab = min(32, v.columns)
+    _kvtc_merge_kernel[(batch * num_heads, valid_rows, v.columns // merge_slab)](
+        part_max, part_sum, part_acc, chunk, num_splits, num_heads, seq_lens, query_start_loc,
+        v.scale, v.zero, qconst, coeff, lse, lse.stride(0),
+        GROUP=group, ROWS=rows, VC=v.columns, SLAB=merge_slab,
+        SPLITS_P2=triton.next_power_of_2(num_splits), WRITE_LSE=return_lse, num_warps=4)
+    d_slab = min(64, head_dim)
+    _kvtc_unproject_kernel[(batch, num_heads, head_dim // d_slab)](
+        coeff, query_start_loc, v.mean, v.basis, out, out.stride(0), out.stride(1),
+        GROUP=group, MAX_Q=max_query_len, ROWS=rows, HEAD_DIM=head_dim, VC=v.columns,
+        D_SLAB=d_slab, C_CHUNK=32, num_warps=4)
     return (out, lse) if return_lse else out

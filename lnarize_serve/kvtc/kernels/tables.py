@@ -55,6 +55,9 @@ class PartTables:
     straddle_zero: torch.Tensor   # [H, NWp]
     straddle_shift: torch.Tensor  # [H, NWp] int32
     straddle_mask: torch.Tensor   # [H, NWp] int32 (0 where none)
+    # mean - sum_j zero_j scale_j basis_j (fp64 sum): q . offset is the score
+    # part shared by every cached token (keys; the LSE needs it)
+    offset: torch.Tensor          # [H, d] fp32
 
     @property
     def columns(self) -> int:
@@ -142,8 +145,10 @@ def _part_tables(part: KindCodec, word_offset: int) -> PartTables:
                     s_shift[h, w + 1] = start % 32
                     s_mask[h, w + 1] = (1 << width) - 1
     device = part.basis.device
+    offset = (part.mean.detach().to("cpu", torch.float64)
+              - torch.einsum("hc,hcd->hd", (col_zero * col_scale).double(), col_basis.double()))
     tensors = [part.mean.detach().to(torch.float32), col_basis, col_scale, col_zero, col_shift,
-               col_mask, s_basis, s_scale, s_zero, s_shift, s_mask]
+               col_mask, s_basis, s_scale, s_zero, s_shift, s_mask, offset.float()]
     tensors = [t.to(device).contiguous() for t in tensors]
     return PartTables(num_words, word_offset, words_padded, kmax_padded, straddles, *tensors)
 
