@@ -95,7 +95,11 @@ def serve(settings: Settings) -> int:
     )
     server = DrainingServer(config, runtime)
     logger.info("listening on http://%s:%d (profile %s)", settings.host, settings.port, settings.profile)
-    asyncio.run(server.serve())
+    # The loop `vllm serve` runs on (uvloop when installed, via uvicorn's
+    # loop="auto"); plain asyncio.run() cost ~15% more API-process CPU per
+    # streamed request (measured with `lnarize-serve bench compare`).
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(server.serve())
     if runtime.engine_build_in_progress:
         _exit_during_engine_build(runtime.exit_code)
     return runtime.exit_code
