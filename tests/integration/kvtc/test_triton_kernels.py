@@ -107,8 +107,8 @@ CASES = {
     "ragged-mtp-bs16": ("word-packed", 2, 3, 64, [37, 5, 130], [1, 4, 3], 16, None, "calibrated"),
     "ragged-one-split-bs32": ("word-packed", 2, 3, 64, [70, 1], [2, 1], 32, 1, "off-distribution"),
     "many-splits-bs8": ("word-packed", 2, 2, 64, [90, 33], [4, 4], 8, 7, "calibrated"),
-    "straddling-offsets": ("prefix", 2, 3, 64, [50, 9], [1, 4], 16, 2, "calibrated"),
-    "qwen-group-d256": ("word-packed", 1, 6, 256, [40], [4], 16, 2, "calibrated"),
+    "straddling-offsets": ("prefix", 2, 3, 64, [30, 9], [1, 4], 16, 2, "calibrated"),
+    "qwen-group-d256": ("word-packed", 1, 6, 256, [40], [2], 16, 2, "calibrated"),
 }
 
 
