@@ -100,25 +100,4 @@ def serve(settings: Settings) -> int:
     # streamed request (measured with `lnarize-serve bench compare`).
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(server.serve())
-    if runtime.engine_build_in_progress:
-        _exit_during_engine_build(runtime.exit_code)
     return runtime.exit_code
-
-
-def _exit_during_engine_build(exit_code: int) -> None:
-    """Stopped while vLLM was still building the engine in a worker thread.
-
-    That call cannot be interrupted and the interpreter would wait for it at
-    exit, so stop the engine processes we spawned and leave at once.
-    """
-    import multiprocessing
-    import os
-
-    logger.info("stopping while the engine was still loading; terminating engine processes")
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=5)
-    logging.shutdown()
-    os._exit(exit_code)
