@@ -259,7 +259,7 @@ def _kvtc_split_kernel(
 @triton.jit
 def _kvtc_merge_kernel(
         part_max_ptr, part_sum_ptr, part_acc_ptr, chunk_len, num_splits, num_kv_heads,
-        seq_lens_ptr, query_start_loc_ptr, scale_ptr, zero_ptr, qconst_ptr, coeff_ptr,
+        seq_lens_ptr, query_start_loc_ptr, scale_ptr, zero_ptr, coeff_ptr,
         lse_ptr, lse_stride_t,
         GROUP: tl.constexpr, ROWS: tl.constexpr, VC: tl.constexpr, SLAB: tl.constexpr,
         SPLITS_P2: tl.constexpr, WRITE_LSE: tl.constexpr):
@@ -420,7 +420,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     merge_slab = min(32, v.columns)
     _kvtc_merge_kernel[(batch * num_heads, valid_rows, v.columns // merge_slab)](
         part_max, part_sum, part_acc, chunk, num_splits, num_heads, seq_lens, query_start_loc,
-        v.scale, v.zero, qconst, coeff, lse, lse.stride(0),
+        v.scale, v.zero, coeff, lse, lse.stride(0),
         GROUP=group, ROWS=rows, VC=v.columns, SLAB=merge_slab,
         SPLITS_P2=triton.next_power_of_2(num_splits), WRITE_LSE=return_lse, num_warps=4)
     d_slab = min(64, head_dim)
