@@ -56,6 +56,8 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
                        help="Pause before each arm so the other server's post-request spin ends [default 2 s].")
     group.add_argument("--start-timeout", type=float, default=600.0, help="Seconds each server may take to become ready.")
     group.add_argument("--logs", type=Path, default=None, help="Folder for the two server logs [default: a temp folder].")
+    group.add_argument("--markdown", type=Path, default=None, metavar="PATH",
+                       help="Also write the comparison table as Markdown (for docs).")
     add_workload_arguments(parser)
     add_output_arguments(parser)
     parser.set_defaults(run=run_compare)
@@ -203,6 +205,10 @@ async def _measure(console: Console, args: argparse.Namespace, plan, deadline: f
         else:
             report.write_json(args.json_path, document)
             console.print(f"JSON: {args.json_path}")
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(comparison_markdown([c.to_dict() for c in comparisons]))
+        console.print(f"Markdown: {args.markdown}")
     if args.plot is not None:
         from lnarize_serve.bench.plot import plot_series
 
@@ -259,3 +265,30 @@ def comparison_table(comparisons) -> Table:
                      "vLLM CV = round-to-round variation of vLLM's own throughput (the noise floor); "
                      "API CPU = CPU time of the HTTP/API process per request (the wrapper's own cost)")
     return table
+
+
+def comparison_markdown(comparisons: list[dict]) -> str:
+    """The comparison (``CellComparison.to_dict()`` rows, as in the JSON) as a Markdown table."""
+    header = ("| conc | prompt | rounds | vLLM out tok/s | ours out tok/s | ratio (pooled) | ratio per round "
+              "| vLLM TTFT p50 ms | ours TTFT p50 ms | dTTFT p50 ms (pooled) | dTTFT per round | dITL p50 ms per round "
+              "| vLLM round-to-round CV | API CPU ms/req vLLM | API CPU ms/req ours |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for c in comparisons:
+        a, b = c["a"], c["b"]
+        cells = [
+            str(c["concurrency"]), str(c["prompt_tokens"]), str(c["rounds"]),
+            f"{a['output_tok_s']:.1f}", f"{b['output_tok_s']:.1f}",
+            f"{c['throughput_ratio_pooled']:.3f}", _spread_text(c["throughput_ratio_per_round"], ".3f"),
+            _optional(a["ttft_ms_p50"], ".0f"), _optional(b["ttft_ms_p50"], ".0f"),
+            _optional(c["ttft_p50_diff_ms_pooled"], "+.1f"), _spread_text(c["ttft_p50_diff_ms_per_round"], "+.0f"),
+            _spread_text(c["itl_p50_diff_ms_per_round"], "+.1f"),
+            _optional(None if c["a_throughput_cv"] is None else 100 * c["a_throughput_cv"], ".0f") + "%",
+            _optional(c.get("frontend_cpu_ms_per_request_a"), ".1f"),
+            _optional(c.get("frontend_cpu_ms_per_request_b"), ".1f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _optional(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)

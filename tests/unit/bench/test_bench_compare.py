@@ -58,3 +58,14 @@ def test_a_round_missing_one_arm_or_cut_by_the_deadline_is_not_paired():
     (comparison,) = compare_cells(measurements, "vllm", "ours")
     assert comparison.rounds == 1
     assert comparison.ttft_p50_diffs_ms == pytest.approx([0.0])
+
+
+def test_markdown_table_has_one_row_per_cell_with_the_spread():
+    from lnarize_serve.bench.compare_cli import comparison_markdown
+
+    measurements = [measurement("vllm", 0, 0.100, 0.01), measurement("ours", 0, 0.102, 0.01),
+                    measurement("ours", 1, 0.101, 0.01), measurement("vllm", 1, 0.100, 0.01)]
+    table = comparison_markdown([c.to_dict() for c in compare_cells(measurements, "vllm", "ours")])
+    header, rule, row = table.strip().splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|")
+    assert row.startswith("| 1 | 128 | 2 |") and "+1.5" in row and "[0.985, 0.992]" in row
