@@ -69,7 +69,9 @@ def kvtc_environment(calibration_path: str | None):
 def build_llm(model: str, calibration_path: str | None, **engine_kwargs: Any):
     from vllm import LLM
 
-    kwargs = dict(enforce_eager=True, max_model_len=2048, max_num_seqs=8, seed=0)
+    # stats on: speculative-decoding counters come from vLLM's stat loggers
+    kwargs = dict(enforce_eager=True, max_model_len=2048, max_num_seqs=8, seed=0,
+                  disable_log_stats=False)
     kwargs.update(engine_kwargs)
     if calibration_path:
         kwargs["attention_backend"] = "CUSTOM"
