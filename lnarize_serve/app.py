@@ -38,7 +38,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         watchdog.cancel()
         loader.cancel()
         await asyncio.gather(watchdog, loader, return_exceptions=True)
-        runtime.exit_now_if_engine_build_running()
+        runtime.stop_during_engine_build()
         await asyncio.to_thread(runtime.shutdown_engine)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -52,6 +51,7 @@ class ServerRuntime:
         self._drain_task: asyncio.Task | None = None
         # True while vLLM builds the engine in a worker thread (not interruptible).
         self.engine_build_in_progress = False
+        self.on_stop_during_engine_build: Callable[[], None] | None = None
 
     def _enter(self, phase: Phase, detail: str = "") -> None:
         self.lifecycle.enter(phase, detail)
@@ -145,30 +145,13 @@ class ServerRuntime:
             logger.warning("drain timeout (%.0f s) hit with %d request(s) in flight; they will be cut", timeout, self.lifecycle.in_flight)
         self.request_server_exit()
 
-    def exit_now_if_engine_build_running(self) -> None:
-        """Stopped while vLLM was still building the engine in a worker thread.
-
-        That call cannot be interrupted, and asyncio would wait for it before
-        the process could exit (a SIGTERM during a 10-minute model download
-        would hang), so stop the engine processes we spawned and leave at once.
-        """
-        if not self.engine_build_in_progress:
-            return
-        import os
-
-        import psutil  # a vLLM dependency
-
-        logger.info("stopping while the engine was still loading; terminating engine processes")
-        descendants = psutil.Process().children(recursive=True)
-        for process in descendants:
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-        _, still_running = psutil.wait_procs(descendants, timeout=5)
-        for process in still_running:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        logging.shutdown()
-        os._exit(self.exit_code)
+    def stop_during_engine_build(self) -> None:
+        """Called at shutdown: if vLLM is still building the engine (an
+        uninterruptible call in a worker thread), run the hook the process
+        owner installed (server.py: terminate the engine processes and exit).
+        Without a hook (tests, embedding) nothing happens here."""
+        if self.engine_build_in_progress and self.on_stop_during_engine_build is not None:
+            self.on_stop_during_engine_build()
 
     def shutdown_engine(self) -> None:
         self.stopping = True

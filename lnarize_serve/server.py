@@ -62,6 +62,30 @@ class DrainingServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
+def _terminate_engine_processes_and_exit(exit_code: int) -> None:
+    """Stopped while vLLM was still building the engine in a worker thread.
+
+    That call cannot be interrupted, and asyncio would wait for it before the
+    process could exit (a SIGTERM during a long model download would hang),
+    so terminate the engine processes we spawned and leave at once.
+    """
+    import os
+
+    import psutil  # a vLLM dependency
+
+    logger.info("stopping while the engine was still loading; terminating engine processes")
+    descendants = psutil.Process().children(recursive=True)
+    for process in descendants:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, still_running = psutil.wait_procs(descendants, timeout=5)
+    for process in still_running:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    logging.shutdown()
+    os._exit(exit_code)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -94,6 +118,7 @@ def serve(settings: Settings) -> int:
         access_log=settings.log_level == "debug",
     )
     server = DrainingServer(config, runtime)
+    runtime.on_stop_during_engine_build = lambda: _terminate_engine_processes_and_exit(runtime.exit_code)
     logger.info("listening on http://%s:%d (profile %s)", settings.host, settings.port, settings.profile)
     # The loop `vllm serve` runs on (uvloop when installed, via uvicorn's
     # loop="auto"); plain asyncio.run() cost ~15% more API-process CPU per

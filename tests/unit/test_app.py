@@ -179,3 +179,20 @@ def test_engine_that_cannot_be_built_fails_liveness(monkeypatch):
         assert client.get("/health/live").status_code == 503
         assert client.get("/health/ready").json()["phase"] == "failed"
     assert app.state.runtime.exit_code == EXIT_ENGINE_FAILED_TO_START
+
+
+def test_stopping_while_the_engine_builds_leaves_the_process_alone(loading_app):
+    # Only `lnarize-serve serve` installs the hard-exit hook; an app embedded
+    # elsewhere (here: the test process) must survive a shutdown mid-build.
+    app, starter = loading_app()
+    client = TestClient(app)
+    client.__enter__()
+    for _ in range(200):
+        if app.state.runtime.engine_build_in_progress:
+            break
+        threading.Event().wait(0.05)
+    assert app.state.runtime.engine_build_in_progress
+    threading.Timer(0.5, starter.release.set).start()
+    client.__exit__(None, None, None)
+    assert app.state.runtime.on_stop_during_engine_build is None
+    assert not app.state.runtime.engine_build_in_progress
