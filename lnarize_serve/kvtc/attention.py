@@ -42,7 +42,9 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
                        seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                        layer: LayerCodec, softmax_scale: float,
                        exact_keys: torch.Tensor | None = None,
-                       exact_values: torch.Tensor | None = None) -> torch.Tensor:
+                       exact_values: torch.Tensor | None = None,
+                       sink_keys: torch.Tensor | None = None,
+                       sink_values: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a batch of query tokens over a KVTC-compressed paged cache.
 
     query [T, Hq, d] (post-RoPE, sequences concatenated, Hq a multiple of H);
@@ -54,7 +56,9 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
     If ``exact_keys``/``exact_values`` [T, H, d] are given, the query tokens'
     own positions use those uncompressed vectors instead of their slots, in the
     same softmax (the current chunk's tokens, as a backend has them in hand).
-    Returns fp32 [T, Hq, d].
+    If ``sink_keys``/``sink_values`` [B, S, H, d] are given, positions 0..S-1
+    of sequence b use those exact vectors (the sink tokens the cache keeps
+    uncompressed, see docs/kvtc-layout.md). Returns fp32 [T, Hq, d].
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = layer.num_kv_heads
@@ -80,12 +84,23 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
         constant = (torch.einsum("nhgd,hd->nhg", q, keys.mean)
                     - (q_coeff * keys.zero[None, :, None, :]).sum(-1))
         scores = constant[..., None] + torch.einsum("nhgr,lhr->nhgl", q_coeff, key_codes)
-        compressed = torch.ones(seq_len, dtype=torch.bool, device=query.device)
+        # tokens attended from exact vectors: sinks, then the current chunk
+        exact = torch.zeros(seq_len, dtype=torch.bool, device=query.device)
+        k_exact = torch.zeros(seq_len, num_kv_heads, head_dim, device=query.device)
+        v_exact = torch.zeros(seq_len, num_kv_heads, head_dim, device=query.device)
+        if sink_keys is not None:
+            num_sinks = min(sink_keys.shape[1], seq_len)
+            exact[:num_sinks] = True
+            k_exact[:num_sinks] = sink_keys[b, :num_sinks].float()
+            v_exact[:num_sinks] = sink_values[b, :num_sinks].float()
         if exact_keys is not None:
-            compressed[seq_len - num_q:] = False
-            k_exact = exact_keys[start:end].to(torch.float32)  # [n, H, d]
-            exact_scores = torch.einsum("nhgd,mhd->nhgm", q, k_exact)
-            scores[..., seq_len - num_q:] = exact_scores
+            exact[seq_len - num_q:] = True
+            k_exact[seq_len - num_q:] = exact_keys[start:end].float()
+            v_exact[seq_len - num_q:] = exact_values[start:end].float()
+        if bool(exact.any()):
+            exact_scores = torch.einsum("nhgd,lhd->nhgl", q, k_exact)
+            scores = torch.where(exact, exact_scores, scores)
+        compressed = ~exact
         scores = scores * softmax_scale
         visible = _causal_mask(num_q, seq_len, query.device)[:, None, None, :]
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
@@ -97,9 +112,8 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
         coeff = (acc - values.zero[None, :, None, :] * mass[..., None]) * values.scale[None, :, None, :]
         o = (values.mean[None, :, None, :] * mass[..., None]
              + torch.einsum("nhgr,hrd->nhgd", coeff, values.basis))
-        if exact_values is not None:
-            v_exact = exact_values[start:end].to(torch.float32)
-            o = o + torch.einsum("nhgm,mhd->nhgd", probs[..., seq_len - num_q:], v_exact)
+        if bool(exact.any()):
+            o = o + torch.einsum("nhgl,lhd->nhgd", probs * exact, v_exact)
         out[start:end] = o.reshape(num_q, num_q_heads, head_dim)
     return out
 

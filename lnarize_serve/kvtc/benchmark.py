@@ -21,7 +21,10 @@ from lnarize_serve.kvtc.evaluate import ExactTokens, evaluate_methods, format_ta
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUDGETS = ((2.0, 3.0), (2.0, 4.0), (3.0, 4.0), (4.0, 4.0))
+DEFAULT_BUDGETS = ((2.0, 3.0), (2.0, 4.0), (2.5, 3.5), (3.0, 3.0), (3.0, 4.0), (4.0, 4.0))
+# (sinks, window) policies of the main table: the first 4 tokens exact (needed,
+# see docs/kvtc-layout.md), with and without a 128-token exact window
+DEFAULT_POLICIES = ((4, 0), (4, 128))
 
 
 @dataclass
@@ -33,9 +36,8 @@ class BenchmarkOptions:
     continuation_len: int = 64
     budgets: tuple[tuple[float, float], ...] = DEFAULT_BUDGETS
     calibration: str | None = None      # evaluate this file instead of fitting budgets
-    sinks: int = 0                      # the exact-token policy of the main table
-    window: int = 0
-    ablate_exact_tokens: bool = True    # sinks/window grid for KVTC K2V4 and int4
+    policies: tuple[tuple[int, int], ...] = DEFAULT_POLICIES  # (sinks, window) per table block
+    ablate_exact_tokens: bool = True    # no-sink policies for KVTC K2V4 and int4
     ablate_weighting: bool = True       # K2V4 without query/output weighting
     device: str = "cpu"
     fit: FitOptions = field(default_factory=FitOptions)
@@ -50,31 +52,35 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     model, tokenizer = load_model(options.model_dir, options.device)
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
         model.config.hidden_size // model.config.num_attention_heads)
-    main = ExactTokens(options.sinks, options.window)
-    methods = [(m, main) for m in baseline_methods(head_dim)]
+    baselines = baseline_methods(head_dim)
+    kvtc: list = []
     k2v4 = None
     if options.calibration:
         calibration = load_calibration(options.calibration)
-        methods.append((kvtc_method(calibration, f"KVTC ({Path(options.calibration).name})"), main))
-        k2v4 = methods[-1][0]
+        kvtc.append(kvtc_method(calibration, f"KVTC ({Path(options.calibration).name})"))
+        k2v4 = kvtc[-1]
     else:
         measurements = measure_model(model, tokenizer, options.fit)
         logger.info("calibration measured in %.0fs", time.monotonic() - started)
         for key_bits, value_bits in options.budgets:
             calibration = calibration_at_budget(measurements, options.model_dir, key_bits,
                                                 value_bits, options.fit)
-            method = kvtc_method(calibration, _label(key_bits, value_bits))
-            methods.append((method, main))
+            kvtc.append(kvtc_method(calibration, _label(key_bits, value_bits)))
             if (key_bits, value_bits) == (2.0, 4.0):
-                k2v4 = method
+                k2v4 = kvtc[-1]
                 if options.ablate_weighting:
                     plain = calibration_at_budget(measurements, options.model_dir, 2.0, 4.0,
                                                   options.fit, use_weights=False)
-                    methods.append((kvtc_method(plain, "KVTC K2V4 unweighted"), main))
+                    kvtc.append(kvtc_method(plain, "KVTC K2V4 unweighted"))
+    methods = []
+    for sinks, window in options.policies:
+        policy = ExactTokens(sinks, window)
+        methods += [(m, policy) for m in sorted(baselines + kvtc,
+                                                key=lambda m: -m.bytes_per_token_head)]
     if options.ablate_exact_tokens:
-        int4 = methods[2][0]
-        for policy in (ExactTokens(4, 0), ExactTokens(0, 128), ExactTokens(4, 128)):
-            if policy == main:
+        int4 = baselines[2]
+        for policy in (ExactTokens(0, 0), ExactTokens(0, 128)):
+            if (policy.sinks, policy.window) in options.policies:
                 continue
             if k2v4 is not None:
                 methods.append((k2v4, policy))

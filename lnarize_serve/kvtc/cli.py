@@ -52,12 +52,13 @@ def add_kvtc_commands(subparsers: Any) -> None:
     evaluate.add_argument("--context-len", type=int, default=1024, help="Compressed context tokens.")
     evaluate.add_argument("--continuation-len", type=int, default=64,
                           help="Teacher-forced continuation tokens scored per context.")
-    evaluate.add_argument("--budgets", default="2:3,2:4,3:4,4:4",
+    evaluate.add_argument("--budgets", default="2:3,2:4,2.5:3.5,3:3,3:4,4:4",
                           help="KVTC budgets as key_bits:value_bits per dim, comma separated.")
     evaluate.add_argument("--calibration", default=None,
                           help="Evaluate this calibration file instead of fitting the budgets.")
-    evaluate.add_argument("--sinks", type=int, default=0, help="Exact sink tokens (main table).")
-    evaluate.add_argument("--window", type=int, default=0, help="Exact recent tokens (main table).")
+    evaluate.add_argument("--policies", default="4:0,4:128",
+                          help="Exact-token policies sinks:window, comma separated; every "
+                               "method is scored under each.")
     evaluate.add_argument("--no-ablations", action="store_true",
                           help="Skip the sinks/window and weighting ablations.")
     _fit_args(evaluate)
@@ -212,8 +213,9 @@ def run_eval(args: argparse.Namespace) -> int:
     options = BenchmarkOptions(
         model_dir=model_dir, out_dir=args.out_dir, contexts=args.contexts,
         context_len=args.context_len, continuation_len=args.continuation_len,
-        budgets=parse_budgets(args.budgets), calibration=args.calibration, sinks=args.sinks,
-        window=args.window, ablate_exact_tokens=not args.no_ablations,
+        budgets=parse_budgets(args.budgets), calibration=args.calibration,
+        policies=tuple((int(a), int(b)) for a, b in parse_budgets(args.policies)),
+        ablate_exact_tokens=not args.no_ablations,
         ablate_weighting=not args.no_ablations and not args.no_weighting, device=device,
         fit=_fit_options(args))
     report = run_benchmark(options)

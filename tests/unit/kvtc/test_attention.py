@@ -67,6 +67,33 @@ def test_mixed_exact_chunk_equals_dense(setup):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_exact_sinks_and_chunk_equal_dense(setup):
+    layer, stats = setup
+    seq_lens, queries, num_sinks = [40, 3, 21], [2, 2, 1], 4
+    cache, table, lens, qsl, q, keys, values = build_batch(layer, stats, seq_lens, queries, seed=4)
+    sink_k = torch.stack([torch.cat([k[:num_sinks], torch.zeros(max(0, num_sinks - len(k)),
+                                                                *k.shape[1:])])[:num_sinks]
+                          for k in keys])
+    sink_v = torch.stack([torch.cat([v[:num_sinks], torch.zeros(max(0, num_sinks - len(v)),
+                                                                *v.shape[1:])])[:num_sinks]
+                          for v in values])
+    exact_k = torch.cat([k[-n:] for k, n in zip(keys, queries)])
+    exact_v = torch.cat([v[-n:] for v, n in zip(values, queries)])
+    scale = HEAD_DIM ** -0.5
+    got = attention_on_slots(q, cache, table, lens, qsl, layer, scale, exact_k, exact_v,
+                             sink_keys=sink_k, sink_values=sink_v)
+    dec_k, dec_v = decoded_sequences(cache, table, lens, layer)
+    mixed_k, mixed_v = [], []
+    for dk, dv, k, v, n in zip(dec_k, dec_v, keys, values, queries):
+        mk, mv = dk.clone(), dv.clone()
+        mk[:num_sinks], mv[:num_sinks] = k[:num_sinks], v[:num_sinks]
+        mk[-n:], mv[-n:] = k[-n:], v[-n:]
+        mixed_k.append(mk)
+        mixed_v.append(mv)
+    torch.testing.assert_close(got, dense_attention(q, mixed_k, mixed_v, qsl, scale),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_close_to_attention_on_original_kv():
     # 8 bits on every component: the codec is nearly lossless
     layer, stats = random_layer_codec(NUM_KV_HEADS, HEAD_DIM, 8, 8, seed=3)
