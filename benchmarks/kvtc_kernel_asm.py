@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,7 +29,9 @@ def sass_of(kernel) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+        tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends" / "nvidia"
+                                                / "bin" / "cuobjdump")
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
 
 
 def main() -> None:
@@ -37,6 +41,7 @@ def main() -> None:
     parser.add_argument("--block-t", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--q-tokens", type=int, default=1)
+    parser.add_argument("--unpack", type=int, default=None, help="UNPACK mode (default: kernels')")
     args = parser.parse_args()
     layer, _ = random_layer_codec(4, 256, 2.0, 4.0, seed=0)
     tables = prepare_layer_tables(layer.to("cuda"))
@@ -48,9 +53,10 @@ def main() -> None:
     q = torch.randn(nq, 24, 256, device="cuda", dtype=torch.bfloat16)
     compiled: list = []
     decode_attention(q, cache, table, lens, qsl, tables, 0.0625, nq, ctx, block_t=args.block_t,
-                     num_warps=args.warps, variant=args.variant, compiled=compiled)
+                     num_warps=args.warps, variant=args.variant, unpack=args.unpack,
+                     compiled=compiled)
     k = compiled[0]
-    tag = f"v{args.variant}_bt{args.block_t}_w{args.warps}_q{nq}"
+    tag = f"v{args.variant}_bt{args.block_t}_w{args.warps}_q{nq}_u{args.unpack}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"split_{tag}.ttgir").write_text(k.asm["ttgir"])
     sass = sass_of(k)

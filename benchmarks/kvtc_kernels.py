@@ -219,7 +219,8 @@ def check_dense_baseline(results, gen) -> None:
 
 
 # ------------------------------------------------------------------ timing
-def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_cfg, gen):
+def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_cfg, gen,
+               unpack_ab=(), head_decode=None):
     lens_list = [ctx] * batch
     table, total_blocks = paged_layout(lens_list, block_size, gen)
     lens = torch.tensor(lens_list, dtype=torch.int32, device=DEV)
@@ -239,6 +240,17 @@ def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_c
                                              + int((layer.values.bits > 0).sum(1).max()) + 2)
     kvtc_bytes = tokens * KV_HEADS * layer.slot_bytes + q_out_bytes + table_bytes
     row["kvtc_ms"] = timer(fn)
+    for unpack in unpack_ab:  # the same call with another code decoding, side by side
+        fn = kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, {**kvtc_cfg, "unpack": unpack})
+        try:
+            row[f"kvtc_ms_unpack{unpack}"] = timer(fn)
+        except Exception as exc:  # an experimental decoding must not end the run
+            log(f"unpack {unpack} failed: {type(exc).__name__}: {exc}"[:400])
+            row[f"kvtc_ms_unpack{unpack}"] = float("nan")
+    if head_decode is not None:  # the earlier kernels, same call
+        knobs = {k: kvtc_cfg[k] for k in KERNEL_KNOBS if k in kvtc_cfg and k != "unpack"}
+        row["kvtc_ms_head"] = timer(lambda: head_decode(q, cache, table, lens, qsl, tables, SCALE,
+                                                        nq, ctx, num_splits=splits, **knobs))
     row["kvtc_bytes"] = kvtc_bytes
     row["kvtc_floor_ms"] = kvtc_bytes / copy_bw * 1e3
     del cache
@@ -304,7 +316,7 @@ DEFAULT_CONFIG = {
     4: {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4, "num_stages": 2,
         "programs_per_sm": 8},
 }
-KERNEL_KNOBS = ("block_t", "num_warps", "num_stages", "variant", "tables_in_loop")
+KERNEL_KNOBS = ("block_t", "num_warps", "num_stages", "variant", "tables_in_loop", "unpack")
 
 
 def kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, cfg, compiled=None):
@@ -315,7 +327,7 @@ def kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, cfg, compiled=None):
                                     num_splits=splits, compiled=compiled, **knobs)
 
 
-def sweep_configs(timer, tables, layer, gen, quick: bool) -> tuple[dict, list]:
+def sweep_configs(timer, tables, layer, gen, mode: str) -> tuple[dict, list]:
     """Pick the split kernel's formulation, tile, warps and split count per
     query-token count, timing each at batch 1 / 64K and batch 16 / 16K context
     and ranking by the sum of the two times relative to each cell's fastest."""
@@ -338,8 +350,10 @@ def sweep_configs(timer, tables, layer, gen, quick: bool) -> tuple[dict, list]:
         options = []
         grid = [(v, t, bt, w, pps) for v in (1, 2) for t in (False, True)
                 for bt in (32, 64) for w in (4, 8) for pps in (4, 8, 16)]
-        if quick:  # what the earlier full sweeps left open
+        if mode == "quick":  # what the earlier full sweeps left open
             grid = [(v, True, bt, 4, pps) for v in (1, 2) for bt in (32, 64) for pps in (4, 8, 16)]
+        elif mode == "wide":  # bigger tiles, now that the unit-fp16 decode frees registers
+            grid = [(1, True, bt, w, pps) for bt in (64, 128) for w in (4, 8) for pps in (8, 16)]
         for variant, in_loop, block_t, warps, per_sm in grid:
             cfg = {"variant": variant, "tables_in_loop": in_loop, "block_t": block_t,
                    "num_warps": warps, "num_stages": 2, "programs_per_sm": per_sm}
@@ -447,9 +461,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer sizes and reps")
-    parser.add_argument("--sweep", choices=("full", "quick", "none"), default="none",
+    parser.add_argument("--sweep", choices=("full", "quick", "wide", "none"), default="none",
                         help="time kernel configurations and use the best (default: use the "
                              "kernels' defaults)")
+    parser.add_argument("--unpack-ab", default="",
+                        help="comma-separated UNPACK modes (0 = original 0x6400 decode, 1 = "
+                             "unit-fp16, 2 = unit-fp16 pairs in PTX) also timed in every cell")
+    parser.add_argument("--head-baseline", type=Path, default=None,
+                        help="a copy of an earlier kernels/decode.py, timed beside (before/after)")
+    parser.add_argument("--batches", default="", help="comma-separated batch sizes (override)")
+    parser.add_argument("--contexts", default="", help="comma-separated contexts (override)")
     parser.add_argument("--sweep-only", action="store_true",
                         help="stop after the configuration sweep and the correctness checks")
     args = parser.parse_args()
@@ -487,23 +508,43 @@ def main() -> int:
     elif args.sweep == "none":
         best, sweep = {1: DEFAULT_CONFIG[1], 4: DEFAULT_CONFIG[4]}, []
     else:
-        best, sweep = sweep_configs(timer, tables, layer, gen, args.sweep == "quick")
-    for variant in (0, 1, 2):
-        cfg = {**best[4], "variant": variant}
-        check_decode(layer, stats, tables, checks, [1, 300 // s, 5000 // s], [1, 4, 3], 16, gen,
-                     "calibrated", f"ragged calibrated bs16 v{variant}", cfg)
-        check_decode(straddle_layer, stats, straddle_tables, checks, [2500 // s, 7], [4, 1], 16,
-                     gen, "calibrated", f"prefix offsets (straddling) bs16 v{variant}", cfg)
+        best, sweep = sweep_configs(timer, tables, layer, gen, args.sweep)
+    unpack_ab = tuple(int(u) for u in args.unpack_ab.split(",") if u)
+    head_decode = None
+    if args.head_baseline is not None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("kvtc_decode_head", args.head_baseline)
+        head_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(head_module)
+        head_decode = head_module.decode_attention
+    for variant, unpack in ((0, 0), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)):
+        cfg = {**best[4], "variant": variant, "unpack": unpack}
+        label = f"ragged calibrated bs16 v{variant} unpack{unpack}"
+        try:
+            check_decode(layer, stats, tables, checks, [1, 300 // s, 5000 // s], [1, 4, 3], 16,
+                         gen, "calibrated", label, cfg)
+        except Exception as exc:  # e.g. inline PTX the installed ptxas refuses
+            log(f"check {label} raised {type(exc).__name__}: {exc}"[:600])
+            checks.append({"check": label, "error": f"{type(exc).__name__}: {exc}"[:600],
+                           "ok": False})
+        if unpack == 0:  # straddling codes always take the original decode
+            check_decode(straddle_layer, stats, straddle_tables, checks, [2500 // s, 7], [4, 1],
+                         16, gen, "calibrated", f"prefix offsets (straddling) bs16 v{variant}",
+                         {**cfg, "unpack": None})
     check_decode(layer, stats, tables, checks, [4096 // s, 17, 2], [4, 2, 1], 32, gen,
                  "off-distribution", "ragged off-distribution bs32", best[4])
     check_decode(layer, stats, tables, checks, [3000 // s, 64], [4, 1], 64, gen,
                  "calibrated", "one split", best[4], num_splits=1)
     big = [] if cpu else [16384] if args.quick else [65536, 262144]
     for n in big:
-        check_decode(layer, stats, tables, checks, [n], [4], 16, gen, "calibrated",
-                     f"B1 {n // 1024}K q4 bs16", best[4])
-        check_decode(layer, stats, tables, checks, [n], [1], 16, gen, "off-distribution",
-                     f"B1 {n // 1024}K q1 bs16 off-distribution", best[1])
+        # every decoding at 64K; at 256K the default and the original one only
+        for unpack in sorted({None, 0} if n > 65536 else {None, *unpack_ab}, key=str):
+            tag = "" if unpack is None else f" unpack{unpack}"
+            check_decode(layer, stats, tables, checks, [n], [4], 16, gen, "calibrated",
+                         f"B1 {n // 1024}K q4 bs16{tag}", {**best[4], "unpack": unpack})
+            check_decode(layer, stats, tables, checks, [n], [1], 16, gen, "off-distribution",
+                         f"B1 {n // 1024}K q1 bs16 off-distribution{tag}",
+                         {**best[1], "unpack": unpack})
     if not args.quick and not cpu:
         check_decode(layer, stats, tables, checks, [65536, 1000, 30000, 5], [1, 4, 2, 3], 128, gen,
                      "calibrated", "B4 ragged up to 64K bs128", best[4])
@@ -523,12 +564,19 @@ def main() -> int:
     rows = []
     batches = (1,) if cpu else (1, 16) if args.quick else (1, 4, 16)
     contexts = (64,) if cpu else (4096, 65536) if args.quick else (4096, 16384, 65536, 262144)
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    if args.contexts and not cpu:
+        contexts = tuple(int(c) for c in args.contexts.split(","))
     for nq in (1, 4):
         for batch in batches:
             for ctx in contexts:
-                row = bench_cell(timer, tables, layer, batch, ctx, nq, 16, copy_bw, best[nq], gen)
+                row = bench_cell(timer, tables, layer, batch, ctx, nq, 16, copy_bw, best[nq], gen,
+                                 unpack_ab, head_decode)
                 rows.append(row)
-                log(f"B={batch} ctx={ctx} q={nq}: kvtc {row['kvtc_ms']:.4f} ms "
+                ab = " ".join(f"unpack{u} {row[f'kvtc_ms_unpack{u}']:.4f}" for u in unpack_ab)
+                ab += f" head {row['kvtc_ms_head']:.4f}" if head_decode else ""
+                log(f"B={batch} ctx={ctx} q={nq}: kvtc {row['kvtc_ms']:.4f} ms {ab} "
                     f"(floor {row['kvtc_floor_ms']:.4f}), bf16 {row['bf16_triton_ms']:.4f}, "
                     f"fp8 {row['fp8_triton_ms']:.4f}, sdpa {row['sdpa_ms']:.4f}")
 
@@ -547,6 +595,20 @@ def main() -> int:
         print(f"   {w['tokens']:>6} tokens: {w['ms']:.3f} ms, {w['tokens_per_s'] / 1e6:.2f} M tok/s")
     print("split-kernel configs:", best)
     print_table(rows, copy_bw, gpu)
+    if unpack_ab or head_decode:
+        cols = (["head"] if head_decode else []) + [f"unpack{u}" for u in unpack_ab]
+        base_key = "kvtc_ms_head" if head_decode else "kvtc_ms_unpack0"
+        print()
+        print(f"side by side (same run, same cells): ms; x = {base_key[8:]} / this")
+        print("| B | ctx | q | default | " + " | ".join(cols) + " | x default | "
+              + " | ".join(f"x {c}" for c in cols[1:]) + " |")
+        print("|" + "---|" * (5 + 2 * len(cols)))
+        for r in rows:
+            base = r.get(base_key, float("nan"))
+            print(f"| {r['batch']} | {r['context'] // 1024}K | {r['q_tokens']} | {r['kvtc_ms']:.4f} | "
+                  + " | ".join(f"{r['kvtc_ms_' + c]:.4f}" for c in cols)
+                  + f" | {base / r['kvtc_ms']:.2f} | "
+                  + " | ".join(f"{base / r['kvtc_ms_' + c]:.2f}" for c in cols[1:]) + " |")
     return 0 if all_ok else 1
 
 

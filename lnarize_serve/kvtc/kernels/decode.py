@@ -8,8 +8,10 @@ Four launches per call:
    tensor cores), plus the per-row constant ``q . offset`` (offset = mean -
    sum_j zero_j scale_j basis_j), which only the LSE needs.
 2. ``_kvtc_split_kernel`` (split, KV head, sequence): stream the split's
-   slots, unpack codes with one shift + mask each (per-column constants of
-   the word grid, see tables.py), scores = ``qs @ codes^T`` on tensor cores,
+   slots, unpack codes with one rotate + mask each (per-column constants of
+   the word grid, see tables.py; codes become the fp16 numbers
+   1 + code * 2^(p - 10), the bias folded into the qs/scale/zero constants),
+   scores = ``qs @ codes^T`` on tensor cores,
    online softmax, and accumulate ``p @ value codes`` in code space. Writes
    (max, sum, acc) per split.
 3. ``_kvtc_merge_kernel`` (sequence x head, query row, column slab): merge
@@ -99,16 +101,58 @@ def _codes_3d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.co
 
 
 @triton.jit
+def _rotate_right(x, n, USE_ASM: tl.constexpr):
+    """x rotated right by n (1..31): one funnel shift (SHF.R.W) when compiled;
+    the shift/or form under the interpreter (inline PTX cannot run there)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("shf.r.wrap.b32 $0, $1, $1, $2;", "=r,r,r",
+                                         [x, n], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        return (x >> n) | (x << (32 - n))
+
+
+@triton.jit
+def _unit_half(words, rot, mask, UNPACK: tl.constexpr, USE_ASM: tl.constexpr):
+    """Codes as fp16 numbers 1 + code * 2^(p - 10) (tables.py, unit_rot):
+    rotate, truncate to 16 bits, mask and OR the exponent of 1.0 (after the
+    truncation, so a packed pair of codes shares one LOP3; masking the 32-bit
+    word first measured 15% slower). No fp16 subtraction: the bias and the
+    unit are folded into the callers' per-column constants. UNPACK 2 does a
+    pair in PTX (two rotations, one PRMT, one LOP3, plus a mask-pair PRMT
+    ptxas can share); it measured within noise of UNPACK 1 at one query token
+    and up to 7% slower at batch 1 with 4, so it stays an option only."""
+    if UNPACK == 2 and USE_ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a, b, p, m, k;
+            shf.r.wrap.b32 a, $1, $1, $3;
+            shf.r.wrap.b32 b, $2, $2, $4;
+            prmt.b32 p, a, b, 0x5410;
+            prmt.b32 m, $5, $6, 0x5410;
+            mov.b32 k, 0x3C003C00;
+            lop3.b32 $0, p, m, k, 0xEA;
+            }""", "=r,r,r,r,r,r,r", [words, rot, mask], dtype=tl.float16, is_pure=True, pack=2)
+    r = _rotate_right(words, rot, USE_ASM)
+    bits = (r.to(tl.uint16) & mask.to(tl.uint16)) | 0x3C00
+    return bits.to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _codes_2d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.constexpr,
-              KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr):
+              KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr,
+              UNPACK: tl.constexpr = 0, USE_ASM: tl.constexpr = False):
     """[BLOCK_T, C] fp16 codes with shift/mask as [C] vectors: the [T, NW]
-    words are loaded once and broadcast to their KP columns each."""
+    words are loaded once and broadcast to their KP columns each. UNPACK > 0:
+    shift/mask are the unit-fp16 rotation/mask (no straddling codes)."""
     C: tl.constexpr = NWP * KP
     w = tl.arange(0, NWP)
     wptrs = words_base + row[:, None] + w[None, :]
     words = tl.load(wptrs, mask=tok_ok[:, None] & (w < NW)[None, :], other=0)
     lo = tl.reshape(tl.broadcast_to(words.to(tl.uint32, bitcast=True)[:, :, None],
                                     (BLOCK_T, NWP, KP)), (BLOCK_T, C))
+    if UNPACK > 0:
+        return _unit_half(lo, tl.broadcast_to(shift[None, :], (BLOCK_T, C)),
+                          tl.broadcast_to(mask[None, :], (BLOCK_T, C)), UNPACK, USE_ASM)
     codes = lo >> shift[None, :]
     if STRADDLES:
         nxt = tl.load(wptrs + 1, mask=tok_ok[:, None] & (w + 1 < NW)[None, :], other=0)
@@ -120,7 +164,8 @@ def _codes_2d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.co
 
 @triton.jit
 def _codes_2d_t(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.constexpr,
-                KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr):
+                KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr,
+                UNPACK: tl.constexpr = 0, USE_ASM: tl.constexpr = False):
     """Transposed :func:`_codes_2d`: [C, BLOCK_T] (the A operand of p @ codes
     computed as codes^T @ p^T)."""
     C: tl.constexpr = NWP * KP
@@ -129,6 +174,9 @@ def _codes_2d_t(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.
     words = tl.load(wptrs, mask=tok_ok[None, :] & (w < NW)[:, None], other=0)
     lo = tl.reshape(tl.broadcast_to(words.to(tl.uint32, bitcast=True)[:, None, :],
                                     (NWP, KP, BLOCK_T)), (C, BLOCK_T))
+    if UNPACK > 0:
+        return _unit_half(lo, tl.broadcast_to(shift[:, None], (C, BLOCK_T)),
+                          tl.broadcast_to(mask[:, None], (C, BLOCK_T)), UNPACK, USE_ASM)
     codes = lo >> shift[:, None]
     if STRADDLES:
         nxt = tl.load(wptrs + 1, mask=tok_ok[None, :] & (w + 1 < NW)[:, None], other=0)
@@ -148,12 +196,18 @@ def _kvtc_split_kernel(
         K_NW: tl.constexpr, K_NWP: tl.constexpr, K_KP: tl.constexpr, K_STRADDLES: tl.constexpr,
         V_WORD0: tl.constexpr, V_NW: tl.constexpr, V_NWP: tl.constexpr, V_KP: tl.constexpr,
         V_STRADDLES: tl.constexpr, VARIANT: tl.constexpr, TABLES_IN_LOOP: tl.constexpr,
-        VALID_ROWS: tl.constexpr):
+        VALID_ROWS: tl.constexpr, UNPACK: tl.constexpr = 0, USE_ASM: tl.constexpr = False):
     """VARIANT 0: rows x tokens (codes are the dot's B operand), 3-D extract;
     1: same, 2-D broadcast extract; 2: tokens x rows (codes are the A
     operand, kept in registers), broadcast extract.
     TABLES_IN_LOOP re-reads the per-column shift/mask tables (L1-resident)
-    every iteration instead of pinning ~4 registers per column (variants 1-3)."""
+    every iteration instead of pinning ~4 registers per column (variants 1-3).
+    UNPACK 0: codes = (word >> shift) & mask, then 0x6400 | c - 1024 in fp16;
+    UNPACK 1/2 (variants 1-2, no straddling codes): unit-fp16 codes (see
+    _unit_half), the tables are the unit_* ones, and the 1.0 bias leaves the
+    scores through the row constant (sum of the fp16 qs) and the values
+    through unit_zero (so the softmax sum is taken over the fp16 probabilities
+    the value MMA sees)."""
     split = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -188,9 +242,13 @@ def _kvtc_split_kernel(
     if TRANSPOSED:
         qs = tl.load(qs_ptr + pair * ROWS * KC + rows[None, :] * KC + kcols[:, None])  # [KC, ROWS]
         acc = tl.zeros((VC, ROWS), dtype=tl.float32)
+        if UNPACK > 0:
+            qconst = qconst - tl.sum(qs.to(tl.float32), axis=0)
     else:
         qs = tl.load(qs_ptr + pair * ROWS * KC + rows[:, None] * KC + kcols[None, :])  # [ROWS, KC]
         acc = tl.zeros((ROWS, VC), dtype=tl.float32)
+        if UNPACK > 0:
+            qconst = qconst - tl.sum(qs.to(tl.float32), axis=1)
 
     run_max = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
     run_sum = tl.zeros((ROWS,), dtype=tl.float32)
@@ -210,38 +268,46 @@ def _kvtc_split_kernel(
             v_mask = tl.load(v_mask_ptr + head * VC + vgrid, mask=v_live, other=0).to(tl.uint32)
         if TRANSPOSED:
             k_codes = _codes_2d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
-                                K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES)
+                                K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES, UNPACK, USE_ASM)
             scores = tl.dot(k_codes, qs) + qconst[None, :]  # [T, ROWS]
             visible = tok_ok[:, None] & (pos[:, None] <= last_visible[None, :])
             scores = tl.where(visible, scores, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(scores, axis=0))
             alpha = tl.exp2(run_max - new_max)
             probs = tl.exp2(scores - new_max[None, :])
-            run_sum = run_sum * alpha + tl.sum(probs, axis=0)
+            p16 = probs.to(tl.float16)
+            if UNPACK > 0:
+                run_sum = run_sum * alpha + tl.sum(p16.to(tl.float32), axis=0)
+            else:
+                run_sum = run_sum * alpha + tl.sum(probs, axis=0)
             v_codes = _codes_2d_t(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
-                                  V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES)
-            acc = acc * alpha[None, :] + tl.dot(v_codes, probs.to(tl.float16))  # [VC, ROWS]
+                                  V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES, UNPACK, USE_ASM)
+            acc = acc * alpha[None, :] + tl.dot(v_codes, p16)  # [VC, ROWS]
         else:
             if VARIANT == 0:
                 k_codes = _codes_3d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
                                     K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES)
             else:
                 k_codes = _codes_2d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
-                                    K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES)
+                                    K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES, UNPACK, USE_ASM)
             scores = tl.dot(qs, tl.trans(k_codes)) + qconst[:, None]  # [ROWS, T]
             visible = tok_ok[None, :] & (pos[None, :] <= last_visible[:, None])
             scores = tl.where(visible, scores, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(scores, axis=1))
             alpha = tl.exp2(run_max - new_max)
             probs = tl.exp2(scores - new_max[:, None])
-            run_sum = run_sum * alpha + tl.sum(probs, axis=1)
+            p16 = probs.to(tl.float16)
+            if UNPACK > 0:
+                run_sum = run_sum * alpha + tl.sum(p16.to(tl.float32), axis=1)
+            else:
+                run_sum = run_sum * alpha + tl.sum(probs, axis=1)
             if VARIANT == 0:
                 v_codes = _codes_3d(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
                                     V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES)
             else:
                 v_codes = _codes_2d(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
-                                    V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES)
-            acc = acc * alpha[:, None] + tl.dot(probs.to(tl.float16), v_codes)  # [ROWS, VC]
+                                    V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES, UNPACK, USE_ASM)
+            acc = acc * alpha[:, None] + tl.dot(p16, v_codes)  # [ROWS, VC]
         run_max = new_max
 
     part = pair * num_splits + split
@@ -345,7 +411,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
                      max_seq_len: int, num_splits: int | None = None,
                      out: torch.Tensor | None = None, return_lse: bool = False,
                      block_t: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     variant: int = 1, tables_in_loop: bool = True,
+                     variant: int = 1, tables_in_loop: bool = True, unpack: int | None = None,
                      compiled: list | None = None):
     """Attention of query tokens over a KVTC paged cache, causal over the new ones.
 
@@ -357,6 +423,9 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     CUDA-graph safe). Returns out [T, Hq, d] (query's dtype unless ``out``),
     plus the natural-log LSE [T, Hq] fp32 when ``return_lse``. ``variant``
     selects the split kernel's formulation (see _kvtc_split_kernel);
+    ``unpack`` its code decoding (None: the unit-fp16 decode, UNPACK 1, where
+    it applies, i.e. variants 1-2 without straddling codes; else the original
+    0x6400 decode, UNPACK 0, which is also what 0 forces);
     ``compiled``, if a list, receives the launched kernels (for their
     register / spill / shared-memory reports).
     """
@@ -399,28 +468,41 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     coeff = torch.empty(batch, num_heads, rows, v.columns, dtype=torch.float32, device=dev)
     words = cache.view(torch.int32)
     slab = min(64, k.columns)
+    unit_ok = variant in (1, 2) and not k.straddles and not v.straddles
+    if unpack is None:
+        unpack = 1 if unit_ok else 0
+    if unpack and not unit_ok:
+        raise ValueError(f"unpack={unpack} needs variant 1 or 2 and word-packed offsets "
+                         "(no straddling codes); use unpack=0")
+    # the unit-fp16 decode folds its bias and unit into the scale/zero tables
+    k_scale = k.unit_scale if unpack else k.scale
+    v_scale, v_zero = (v.unit_scale, v.unit_zero) if unpack else (v.scale, v.zero)
+    k_shift, k_mask = (k.unit_rot, k.unit_mask) if unpack else (k.shift, k.mask)
+    v_shift, v_mask = (v.unit_rot, v.unit_mask) if unpack else (v.shift, v.mask)
+    use_asm = type(_kvtc_split_kernel).__name__ != "InterpretedFunction"
 
     _kvtc_project_kernel[(batch, num_heads, k.columns // slab)](
         query, query.stride(0), query.stride(1), query_start_loc,
-        k.offset, k.basis, k.scale, qs, qconst, softmax_scale * _LOG2E,
+        k.offset, k.basis, k_scale, qs, qconst, softmax_scale * _LOG2E,
         GROUP=group, MAX_Q=max_query_len, ROWS=rows, HEAD_DIM=head_dim, C=k.columns,
         SLAB=slab, D_CHUNK=min(32, head_dim), num_warps=4)
     split_kernel = _kvtc_split_kernel[(num_splits, num_heads, batch)](
         words, words.stride(0), words.stride(1), words.stride(2),
         block_table, block_table.stride(0), seq_lens, query_start_loc, cache.shape[2],
-        qs, qconst, k.shift, k.mask, v.shift, v.mask,
+        qs, qconst, k_shift, k_mask, v_shift, v_mask,
         part_max, part_sum, part_acc, chunk, num_splits,
         GROUP=group, ROWS=rows, BLOCK_T=block_t,
         K_NW=k.num_words, K_NWP=k.words_padded, K_KP=k.kmax_padded, K_STRADDLES=k.straddles,
         V_WORD0=v.word_offset, V_NW=v.num_words, V_NWP=v.words_padded, V_KP=v.kmax_padded,
         V_STRADDLES=v.straddles, VARIANT=variant, TABLES_IN_LOOP=tables_in_loop and variant > 0,
-        VALID_ROWS=valid_rows, num_warps=num_warps, num_stages=num_stages)
+        VALID_ROWS=valid_rows, UNPACK=unpack, USE_ASM=use_asm,
+        num_warps=num_warps, num_stages=num_stages)
     if compiled is not None:
         compiled.append(split_kernel)
     merge_slab = min(32, v.columns)
     _kvtc_merge_kernel[(batch * num_heads, valid_rows, v.columns // merge_slab)](
         part_max, part_sum, part_acc, chunk, num_splits, num_heads, seq_lens, query_start_loc,
-        v.scale, v.zero, coeff, lse, lse.stride(0),
+        v_scale, v_zero, coeff, lse, lse.stride(0),
         GROUP=group, ROWS=rows, VC=v.columns, SLAB=merge_slab,
         SPLITS_P2=triton.next_power_of_2(num_splits), WRITE_LSE=return_lse, num_warps=4)
     d_slab = min(64, head_dim)

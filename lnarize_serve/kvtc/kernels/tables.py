@@ -58,6 +58,17 @@ class PartTables:
     # mean - sum_j zero_j scale_j basis_j (fp64 sum): q . offset is the score
     # part shared by every cached token (keys; the LSE needs it)
     offset: torch.Tensor          # [H, d] fp32
+    # "Unit-fp16" decode tables (no straddling codes only): rotating the start
+    # word right by ``unit_rot`` puts the code at bit p = 10 - bits of the low
+    # half (p - 1 where that rotation would be 0), so
+    # ``(rot & unit_mask) | 0x3C00`` is the fp16 number 1 + code * 2^(p - 10)
+    # with no fp16 subtraction. The 1.0 bias and the 2^(p - 10) unit fold into
+    # these per-column constants: code space is (value - unit_zero) / unit_step
+    # and ``(value - unit_zero) * unit_scale == (code - zero) * scale``.
+    unit_rot: torch.Tensor        # [H, C] int32 in 1..31
+    unit_mask: torch.Tensor       # [H, C] int32, mask << p (0 on padding)
+    unit_scale: torch.Tensor      # [H, C] fp32, scale * 2^(10 - p) (0 on padding)
+    unit_zero: torch.Tensor       # [H, C] fp32, 1 + zero * 2^(p - 10) (1 on padding)
 
     @property
     def columns(self) -> int:
@@ -144,13 +155,35 @@ def _part_tables(part: KindCodec, word_offset: int) -> PartTables:
                     s_zero[h, w + 1] = zero[h, j]
                     s_shift[h, w + 1] = start % 32
                     s_mask[h, w + 1] = (1 << width) - 1
+    unit_rot, unit_mask, unit_scale, unit_zero = _unit_half_tables(
+        col_shift, col_mask, col_scale, col_zero)
     device = part.basis.device
     offset = (part.mean.detach().to("cpu", torch.float64)
               - torch.einsum("hc,hcd->hd", (col_zero * col_scale).double(), col_basis.double()))
     tensors = [part.mean.detach().to(torch.float32), col_basis, col_scale, col_zero, col_shift,
-               col_mask, s_basis, s_scale, s_zero, s_shift, s_mask, offset.float()]
+               col_mask, s_basis, s_scale, s_zero, s_shift, s_mask, offset.float(),
+               unit_rot, unit_mask, unit_scale, unit_zero]
     tensors = [t.to(device).contiguous() for t in tensors]
     return PartTables(num_words, word_offset, words_padded, kmax_padded, straddles, *tensors)
+
+
+def _unit_half_tables(shift: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor):
+    """Per-column constants of the unit-fp16 decode (see PartTables.unit_rot)."""
+    width = torch.zeros_like(mask)
+    for b in range(1, 11):
+        width[mask == (1 << b) - 1] = b
+    if bool((mask > 1023).any()):
+        raise ValueError("unit-fp16 decode needs codes of at most 10 bits")
+    pos = 10 - width
+    pos = torch.where((shift - pos) % 32 == 0, pos - 1, pos)  # rotation 0 is not a funnel shift
+    rot = ((shift - pos) % 32).to(torch.int32)
+    rot = torch.where(mask == 0, torch.ones_like(rot), rot)  # padding: any valid rotation
+    step = torch.exp2((pos - 10).to(torch.float32))  # value of one code unit
+    unit_mask = (mask << pos).to(torch.int32)
+    unit_scale = torch.where(mask == 0, torch.zeros_like(scale), scale / step)
+    unit_zero = torch.where(mask == 0, torch.ones_like(zero), 1.0 + zero * step)
+    return rot, unit_mask, unit_scale, unit_zero
 
 
 def prepare_layer_tables(layer: LayerCodec) -> LayerKernelTables:

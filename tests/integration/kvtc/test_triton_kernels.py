@@ -103,8 +103,10 @@ def _reference_lse(query, cache, table, seq_lens, qsl, layer, scale):
 
 
 CASES = {
-    # name: (layout, kv heads, group, head_dim, seq_lens, query tokens, block size, splits, data)
+    # name: (layout, kv heads, group, head_dim, seq_lens, query tokens, block size, splits, data
+    #        [, code decoding: default unit-fp16 where it applies; 0 = the original 0x6400 one])
     "ragged-mtp-bs16": ("word-packed", 2, 3, 64, [37, 5, 130], [1, 4, 3], 16, None, "calibrated"),
+    "original-decode": ("word-packed", 2, 3, 64, [37, 5], [1, 4], 16, 2, "calibrated", 0),
     "ragged-one-split-bs32": ("word-packed", 2, 3, 64, [70, 1], [2, 1], 32, 1, "off-distribution"),
     "many-splits-bs8": ("word-packed", 2, 2, 64, [90, 33], [4, 4], 8, 7, "calibrated"),
     "straddling-offsets": ("prefix", 2, 3, 64, [30, 9], [1, 4], 16, 2, "calibrated"),
@@ -114,7 +116,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_decode_matches_reference_attention(kernels, kernel_device, case):
-    layout, num_kv, group, dim, seq_lens, nqs, block_size, splits, data = CASES[case]
+    layout, num_kv, group, dim, seq_lens, nqs, block_size, splits, data, *unpack = CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     layer, stats = _codec(layout, num_kv, dim, seed=7)
     dev_layer = layer.to(kernel_device)
@@ -132,7 +134,7 @@ def test_decode_matches_reference_attention(kernels, kernel_device, case):
     out, lse = kernels.decode_attention(
         query.to(kernel_device), cache, table, lens.to(kernel_device), qsl.to(kernel_device),
         tables, scale, max(nqs), max(seq_lens), num_splits=splits, out=out, return_lse=True,
-        block_t=16)
+        block_t=16, unpack=unpack[0] if unpack else None)
     cache, table = cache.cpu(), table.cpu()
     ref = attention_on_slots(query.float(), cache, table, lens, qsl, layer, scale)
     assert torch.isfinite(out).all(), "unwritten (poisoned) outputs"
