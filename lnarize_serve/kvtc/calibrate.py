@@ -19,7 +19,7 @@ import torch
 
 from lnarize_serve.kvtc.calibration import Calibration, ModelGeometry, RotaryInfo
 from lnarize_serve.kvtc.codec import KindCodec, LayerCodec
-from lnarize_serve.kvtc.collect import LayerMoments, collect_statistics
+from lnarize_serve.kvtc.collect import LayerMoments, PositionSpread, collect_statistics
 from lnarize_serve.kvtc.corpus import token_sequences
 from lnarize_serve.kvtc.fit import (HeadTables, bytes_for, codec_from_tables, measure_head,
                                     pca_from_covariance)
@@ -34,12 +34,15 @@ class FitOptions:
     value_bits_per_dim: float = 4.0
     num_sequences: int = 24
     sequence_length: int = 512
-    sink_tokens: int = 4          # kept exact by the cache; left out of the statistics
+    sink_tokens: int = 4          # leading tokens left out of the statistics (sink-like)
     window_tokens: int = 0
     max_samples: int = 2048       # per layer, for measured quantizer errors
     query_weighted_keys: bool = True
     output_weighted_values: bool = True
     batch_size: int = 4
+    # spread key statistics over positions [0, rope_positions) (0: the model's
+    # max_position_embeddings); None turns it off (statistics at seen positions)
+    rope_positions: int | None = 0
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -96,6 +99,9 @@ class Measurements:
     geometry: ModelGeometry
     tables: dict[int, dict[str, list[HeadTables]]]  # layer -> kind -> per head
     source: dict[str, Any]
+    sink_keys: dict[int, torch.Tensor]
+    sink_values: dict[int, torch.Tensor]
+    sink_token_id: int | None
 
 
 def measure_model(model: Any, tokenizer: Any, options: FitOptions,
@@ -109,8 +115,9 @@ def measure_model(model: Any, tokenizer: Any, options: FitOptions,
     total = len(sequences) * (len(sequences[0]) - options.sink_tokens)
     stride = max(1, total // options.max_samples)
     started = time.monotonic()
+    spread = position_spread(model, options.rope_positions)
     stats = collect_statistics(model, sequences, skip_tokens=options.sink_tokens,
-                               sample_stride=stride, batch_size=options.batch_size)
+                               sample_stride=stride, batch_size=options.batch_size, spread=spread)
     collected = time.monotonic() - started
     modules = dict(attention_layers(model))
     tables = {}
@@ -124,10 +131,44 @@ def measure_model(model: Any, tokenizer: Any, options: FitOptions,
     source = {"fitter": "lnarize_serve.kvtc.calibrate", "corpus": "python-stdlib/calibration",
               "num_sequences": len(sequences), "sequence_length": len(sequences[0]),
               "tokens": total, "skipped_leading_tokens": options.sink_tokens,
+              "rope_positions": spread.positions if spread else None,
               "query_weighted_keys": options.query_weighted_keys,
               "output_weighted_values": options.output_weighted_values,
               "device": str(next(model.parameters()).device)}
-    return Measurements(geometry, tables, source)
+    sink_keys, sink_values, sink_token = _sink_constants(stats, sequences)
+    return Measurements(geometry, tables, source, sink_keys, sink_values, sink_token)
+
+
+def position_spread(model: Any, positions: int | None) -> PositionSpread | None:
+    """The model's own RoPE frequencies (rotary module's inv_freq, so scaled
+    and partial rotary variants come out right)."""
+    if positions is None:
+        return None
+    inv_freq = None
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
+            inv_freq = module.inv_freq.detach().float().cpu()
+            break
+    if inv_freq is None:
+        raise RuntimeError("no rotary embedding (inv_freq) found; pass rope_positions=None")
+    if positions == 0:
+        positions = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    return PositionSpread(inv_freq, positions)
+
+
+def _sink_constants(stats: dict[int, LayerMoments], sequences: list[list[int]]):
+    """Position 0 sees only itself (causal), so its K/V are a function of the
+    first token alone: constants of the model when every sequence starts with
+    the same token (BOS / the chat template's first token). Recorded then."""
+    first_tokens = {sequence[0] for sequence in sequences}
+    if len(first_tokens) != 1:
+        return {}, {}, None
+    keys, values = {}, {}
+    for index, layer in stats.items():
+        k, v = torch.stack(layer.first_keys), torch.stack(layer.first_values)
+        # identical up to float noise across sequences; keep the mean
+        keys[index], values[index] = k.mean(0), v.mean(0)
+    return keys, values, first_tokens.pop()
 
 
 def calibration_at_budget(measurements: Measurements, model_id: str, key_bits_per_dim: float,
@@ -151,7 +192,9 @@ def calibration_at_budget(measurements: Measurements, model_id: str, key_bits_pe
         model_id=model_id, head_dim=geometry.head_dim, num_kv_heads=geometry.num_kv_heads,
         num_model_layers=geometry.num_layers, layers=layers,
         rotary=RotaryInfo(geometry.rotary_dim, geometry.rope_theta),
-        sink_tokens=options.sink_tokens, window_tokens=options.window_tokens, source=source)
+        sink_tokens=1 if measurements.sink_keys else 0, window_tokens=options.window_tokens,
+        source=source, sink_keys=measurements.sink_keys, sink_values=measurements.sink_values,
+        sink_token_id=measurements.sink_token_id)
 
 
 def fit_calibration(model: Any, tokenizer: Any, model_id: str, options: FitOptions,

@@ -48,6 +48,11 @@ class Calibration:
     sink_tokens: int = 0
     window_tokens: int = 0
     source: dict[str, Any] = field(default_factory=dict)  # provenance: fitter, corpus, converter
+    # exact K/V of position 0 (the attention sink) per layer, [H, d] each, valid
+    # for sequences whose first token is sink_token_id (see docs/kvtc-layout.md)
+    sink_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    sink_values: dict[int, torch.Tensor] = field(default_factory=dict)
+    sink_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -62,6 +67,15 @@ class Calibration:
                     f"expected {self.num_kv_heads} x {self.head_dim}")
             if not 0 <= index < self.num_model_layers:
                 raise CalibrationError(f"layer index {index} outside 0..{self.num_model_layers - 1}")
+        if self.sink_keys or self.sink_values:
+            if set(self.sink_keys) != set(self.layers) or set(self.sink_values) != set(self.layers):
+                raise CalibrationError("sink K/V must cover exactly the calibrated layers")
+            for tensor in (*self.sink_keys.values(), *self.sink_values.values()):
+                if tuple(tensor.shape) != (self.num_kv_heads, self.head_dim):
+                    raise CalibrationError(f"sink K/V shape {tuple(tensor.shape)} != "
+                                           f"({self.num_kv_heads}, {self.head_dim})")
+            if self.sink_token_id is None:
+                raise CalibrationError("sink K/V need the sink_token_id they were captured for")
 
     @property
     def key_bytes(self) -> int:
@@ -94,6 +108,7 @@ class Calibration:
             "key_bytes": self.key_bytes, "value_bytes": self.value_bytes,
             "slot_bytes": self.slot_bytes,
             "sink_tokens": self.sink_tokens, "window_tokens": self.window_tokens,
+            "sink_token_id": self.sink_token_id, "has_sink_kv": bool(self.sink_keys),
             "bit_allocation": allocation, "source": self.source,
         }
 
@@ -106,6 +121,10 @@ class Calibration:
                 part = codec.kind(kind)
                 for name in _FIELDS:
                     tensors[f"layers.{index}.{kind}.{name}"] = getattr(part, name).contiguous().cpu()
+            if self.sink_keys:
+                tensors[f"layers.{index}.sink.keys"] = self.sink_keys[index].float().contiguous().cpu()
+                tensors[f"layers.{index}.sink.values"] = (
+                    self.sink_values[index].float().contiguous().cpu())
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"kvtc": json.dumps(self.metadata())})
@@ -114,7 +133,10 @@ class Calibration:
     def to(self, device: torch.device | str) -> "Calibration":
         layers = {i: c.to(device) for i, c in self.layers.items()}
         return Calibration(self.model_id, self.head_dim, self.num_kv_heads, self.num_model_layers,
-                           layers, self.rotary, self.sink_tokens, self.window_tokens, self.source)
+                           layers, self.rotary, self.sink_tokens, self.window_tokens, self.source,
+                           {i: t.to(device) for i, t in self.sink_keys.items()},
+                           {i: t.to(device) for i, t in self.sink_values.items()},
+                           self.sink_token_id)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -162,9 +184,18 @@ def load_calibration(path: str | Path, device: str | torch.device = "cpu") -> Ca
                 raise CalibrationError(f"{path}: layer {index} {kind}: {exc}") from None
         layers[int(index)] = LayerCodec(parts["keys"], parts["values"])
     rotary = RotaryInfo(**meta["rotary"])
+    sink_keys, sink_values = {}, {}
+    if meta.get("has_sink_kv"):
+        for index in meta["layer_map"]:
+            try:
+                sink_keys[int(index)] = tensors[f"layers.{index}.sink.keys"]
+                sink_values[int(index)] = tensors[f"layers.{index}.sink.values"]
+            except KeyError as exc:
+                raise CalibrationError(f"{path}: missing tensor {exc.args[0]}") from None
     return Calibration(meta["model_id"], meta["head_dim"], meta["num_kv_heads"],
                        meta["num_model_layers"], layers, rotary, meta.get("sink_tokens", 0),
-                       meta.get("window_tokens", 0), meta.get("source", {}))
+                       meta.get("window_tokens", 0), meta.get("source", {}), sink_keys,
+                       sink_values, meta.get("sink_token_id"))
 
 
 # -- model geometry ----------------------------------------------------------

@@ -27,6 +27,9 @@ class LayerMoments:
     samples: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # kind -> [n, H, d]
     query_moment: torch.Tensor | None = None  # [H, d, d], summed over the group's query heads
     query_count: int = 0
+    # K/V at position 0 of every sequence seen ([H, d] each): the attention sink
+    first_keys: list[torch.Tensor] = field(default_factory=list)
+    first_values: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, kind: str, vectors: torch.Tensor, sample_stride: int) -> None:
         """vectors [n, H, d]"""
@@ -51,21 +54,55 @@ class LayerMoments:
         return torch.cat(self.samples[kind])
 
 
+@dataclass(frozen=True)
+class PositionSpread:
+    """Re-rotate post-RoPE keys/queries to uniformly random positions in
+    [0, positions) before accumulating statistics.
+
+    Post-RoPE keys depend on position: a basis fitted on short calibration
+    sequences does not cover the angles reached further out (measured: key
+    error doubles past the calibration length). Rotating each vector by
+    (random position - its position) gives the statistics of keys spread over
+    the whole served range, from short sequences. Only the first
+    ``inv_freq.numel() * 2`` dims rotate (partial rotary: Qwen3.5/3.6).
+    """
+
+    inv_freq: torch.Tensor   # [rotary_dim / 2]
+    positions: int
+    seed: int = 0
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x [B, H, T, d] at positions 0..T-1 -> rotated to random positions."""
+        batch, _, length, _ = x.shape
+        half = self.inv_freq.numel()
+        target = torch.randint(0, self.positions, (batch, length), generator=generator)
+        delta = (target - torch.arange(length)[None, :]).to(torch.float64)
+        angle = delta[..., None] * self.inv_freq.double().cpu()[None, None, :]  # [B, T, half]
+        cos = torch.cos(angle).to(x.dtype).to(x.device)[:, None]
+        sin = torch.sin(angle).to(x.dtype).to(x.device)[:, None]
+        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
 class KVCollector:
     """Attention hook that records statistics and then runs ordinary SDPA.
 
     ``skip_tokens`` leading positions of every sequence are left out of the
-    statistics: they are attention sinks with atypical keys/values, and the
-    cache keeps them exact anyway (see docs/kvtc-layout.md).
+    statistics: they are attention sinks with atypical keys/values (position
+    0 is kept exact by the cache; see docs/kvtc-layout.md).
     """
 
-    def __init__(self, skip_tokens: int = 0, sample_stride: int = 1):
+    def __init__(self, skip_tokens: int = 0, sample_stride: int = 1,
+                 spread: PositionSpread | None = None):
         self.skip_tokens = skip_tokens
         self.sample_stride = sample_stride
+        self.spread = spread
+        self.generator = torch.Generator().manual_seed(spread.seed if spread else 0)
         self.layers: dict[int, LayerMoments] = {}
 
     def __call__(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any):
+        originals = (query, key, value)
         layer = int(module.layer_idx)
         batch, num_kv_heads, length, head_dim = key.shape
         num_q_heads = query.shape[1]
@@ -73,7 +110,13 @@ class KVCollector:
         stats = self.layers.get(layer)
         if stats is None:
             stats = self.layers[layer] = LayerMoments(num_kv_heads, head_dim)
+        for b in range(batch):
+            stats.first_keys.append(key[b, :, 0].detach().float().cpu())
+            stats.first_values.append(value[b, :, 0].detach().float().cpu())
         keep = slice(self.skip_tokens, None)
+        if self.spread is not None:
+            key = self.spread.apply(key.detach().float(), self.generator)
+            query = self.spread.apply(query.detach().float(), self.generator)
         for kind, tensor in (("keys", key), ("values", value)):
             vectors = tensor[:, :, keep].permute(0, 2, 1, 3).reshape(-1, num_kv_heads, head_dim)
             stats.add(kind, vectors.detach(), self.sample_stride)
@@ -83,14 +126,15 @@ class KVCollector:
         stats.query_moment = moment if stats.query_moment is None else stats.query_moment + moment
         stats.count += batch * max(0, length - self.skip_tokens)
         stats.query_count += batch * max(0, length - self.skip_tokens)
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
+        return sdpa(module, *originals, attention_mask, **kwargs)
 
 
 @torch.no_grad()
 def collect_statistics(model: Any, sequences: list[list[int]], skip_tokens: int,
-                       sample_stride: int, batch_size: int = 1) -> dict[int, LayerMoments]:
+                       sample_stride: int, batch_size: int = 1,
+                       spread: PositionSpread | None = None) -> dict[int, LayerMoments]:
     """Run ``model`` over token sequences (equal lengths within a batch)."""
-    collector = KVCollector(skip_tokens=skip_tokens, sample_stride=sample_stride)
+    collector = KVCollector(skip_tokens=skip_tokens, sample_stride=sample_stride, spread=spread)
     device = next(model.parameters()).device
     with attention_override(model, collector):
         for start in range(0, len(sequences), batch_size):

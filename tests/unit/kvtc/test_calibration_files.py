@@ -195,6 +195,24 @@ def test_our_format_rejects_foreign_and_inconsistent_files(tmp_path):
         Calibration("m", HEAD_DIM, KV_HEADS, 4, {0: a, 1: b}, RotaryInfo(HEAD_DIM, 1e4))
 
 
+def test_sink_constants_round_trip(tmp_path):
+    layer, _ = random_layer_codec(KV_HEADS, HEAD_DIM, 2, 4, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    sink_k = {1: torch.randn(KV_HEADS, HEAD_DIM, generator=generator)}
+    sink_v = {1: torch.randn(KV_HEADS, HEAD_DIM, generator=generator)}
+    calibration = Calibration("m", HEAD_DIM, KV_HEADS, 2, {1: layer}, RotaryInfo(HEAD_DIM, 1e4),
+                              sink_tokens=1, sink_keys=sink_k, sink_values=sink_v, sink_token_id=7)
+    loaded = load_calibration(calibration.save(tmp_path / "c.safetensors"))
+    assert loaded.sink_token_id == 7 and loaded.sink_tokens == 1
+    assert torch.equal(loaded.sink_keys[1], sink_k[1]) and torch.equal(loaded.sink_values[1], sink_v[1])
+    with pytest.raises(CalibrationError, match="sink_token_id"):
+        Calibration("m", HEAD_DIM, KV_HEADS, 2, {1: layer}, RotaryInfo(HEAD_DIM, 1e4),
+                    sink_keys=sink_k, sink_values=sink_v)
+    with pytest.raises(CalibrationError, match="shape"):
+        Calibration("m", HEAD_DIM, KV_HEADS, 2, {1: layer}, RotaryInfo(HEAD_DIM, 1e4),
+                    sink_keys={1: torch.zeros(3)}, sink_values=sink_v, sink_token_id=1)
+
+
 def test_rope_average_matches_sampling():
     generator = torch.Generator().manual_seed(0)
     d, positions, theta = 8, 32, 100.0
