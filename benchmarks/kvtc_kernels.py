@@ -247,10 +247,12 @@ def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_c
         except Exception as exc:  # an experimental decoding must not end the run
             log(f"unpack {unpack} failed: {type(exc).__name__}: {exc}"[:400])
             row[f"kvtc_ms_unpack{unpack}"] = float("nan")
-    if head_decode is not None:  # the earlier kernels, same call
-        knobs = {k: kvtc_cfg[k] for k in KERNEL_KNOBS if k in kvtc_cfg and k != "unpack"}
+    if head_decode is not None:  # the earlier kernels with their own defaults, same inputs
+        knobs = {k: HEAD_CONFIG[k] for k in KERNEL_KNOBS if k in HEAD_CONFIG}
+        head_splits = default_num_splits(batch, KV_HEADS, ctx, HEAD_CONFIG["block_t"],
+                                         programs_per_sm=HEAD_CONFIG["programs_per_sm"])
         row["kvtc_ms_head"] = timer(lambda: head_decode(q, cache, table, lens, qsl, tables, SCALE,
-                                                        nq, ctx, num_splits=splits, **knobs))
+                                                        nq, ctx, num_splits=head_splits, **knobs))
     row["kvtc_bytes"] = kvtc_bytes
     row["kvtc_floor_ms"] = kvtc_bytes / copy_bw * 1e3
     del cache
@@ -311,11 +313,15 @@ def bench_write(timer, tables, layer, stats, sizes, gen) -> list[dict]:
 # What decode_attention's callers (the vLLM backend) should pass, per query
 # tokens per sequence; measured by --sweep (docs/kvtc-kernels.md).
 DEFAULT_CONFIG = {
-    1: {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4, "num_stages": 2,
+    1: {"variant": 1, "tables_in_loop": True, "block_t": 128, "num_warps": 4, "num_stages": 2,
         "programs_per_sm": 8},
-    4: {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4, "num_stages": 2,
+    4: {"variant": 1, "tables_in_loop": True, "block_t": 128, "num_warps": 4, "num_stages": 2,
         "programs_per_sm": 8},
 }
+# What the kernels before the unit-fp16 decode (commit 61e0ef7) were run with,
+# for --head-baseline: their own defaults (BLOCK_T 64).
+HEAD_CONFIG = {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4,
+               "num_stages": 2, "programs_per_sm": 8}
 KERNEL_KNOBS = ("block_t", "num_warps", "num_stages", "variant", "tables_in_loop", "unpack")
 
 

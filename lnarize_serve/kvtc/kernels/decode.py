@@ -410,7 +410,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
                      tables: LayerKernelTables, softmax_scale: float, max_query_len: int,
                      max_seq_len: int, num_splits: int | None = None,
                      out: torch.Tensor | None = None, return_lse: bool = False,
-                     block_t: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     block_t: int = 128, num_warps: int = 4, num_stages: int = 2,
                      variant: int = 1, tables_in_loop: bool = True, unpack: int | None = None,
                      compiled: list | None = None):
     """Attention of query tokens over a KVTC paged cache, causal over the new ones.
