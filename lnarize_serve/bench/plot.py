@@ -48,7 +48,7 @@ def plot_series(series: Mapping[str, Sequence[CellStats]], path: Path, title: st
                 color=colours[length],
                 label=label,
             )
-    from matplotlib.ticker import FuncFormatter, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator, ScalarFormatter
 
     concurrencies = sorted({s.concurrency for stats in series.values() for s in stats})
     for axis, ylabel in ((throughput_axis, "output tokens/s (aggregate)"), (ttft_axis, "TTFT p50 (ms)")):
@@ -62,9 +62,8 @@ def plot_series(series: Mapping[str, Sequence[CellStats]], path: Path, title: st
         axis.legend(fontsize="small")
     throughput_axis.set_ylim(bottom=0)
     ttft_axis.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ttft_axis.yaxis.set_major_formatter(plain)
-    ttft_axis.yaxis.set_minor_formatter(plain)
+    ttft_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ttft_axis.yaxis.set_minor_formatter(NullFormatter())
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
