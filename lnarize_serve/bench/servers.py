@@ -121,8 +121,8 @@ class ServerProcess:
     def frontend_cpu_seconds(self) -> float:
         """CPU time of the HTTP/API process alone (the engine core runs in child processes).
 
-        This is where a wrapper's cost lands, and unlike latency it barely
-        moves when other jobs share the machine.
+        This is where a wrapper's cost lands; it moves far less than latency
+        when other jobs share the machine (not zero: compare arms back to back).
         """
         if self.process is None:
             return 0.0
