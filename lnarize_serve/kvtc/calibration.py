@@ -120,11 +120,11 @@ class Calibration:
             for kind in KINDS:
                 part = codec.kind(kind)
                 for name in _FIELDS:
-                    tensors[f"layers.{index}.{kind}.{name}"] = getattr(part, name).contiguous().cpu()
+                    tensors[f"layers.{index}.{kind}.{name}"] = getattr(part, name).cpu().clone()
             if self.sink_keys:
-                tensors[f"layers.{index}.sink.keys"] = self.sink_keys[index].float().contiguous().cpu()
+                tensors[f"layers.{index}.sink.keys"] = self.sink_keys[index].float().cpu().clone()
                 tensors[f"layers.{index}.sink.values"] = (
-                    self.sink_values[index].float().contiguous().cpu())
+                    self.sink_values[index].float().cpu().clone())
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"kvtc": json.dumps(self.metadata())})
