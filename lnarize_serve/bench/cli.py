@@ -164,13 +164,7 @@ async def _bench(console: Console, endpoint, args: argparse.Namespace) -> int:
         "skipped": [c.label for c in skipped],
     }
     if args.json_path is not None:
-        if str(args.json_path) == "-":
-            import json
-
-            sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-        else:
-            report.write_json(args.json_path, document)
-            console.print(f"JSON: {args.json_path}")
+        report.emit_json(args.json_path, document, console)
     if args.plot is not None:
         from lnarize_serve.bench.plot import plot_series
 

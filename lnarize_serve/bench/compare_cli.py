@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -198,13 +197,7 @@ async def _measure(console: Console, args: argparse.Namespace, plan, deadline: f
         ],
     }
     if args.json_path is not None:
-        if str(args.json_path) == "-":
-            import json
-
-            sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-        else:
-            report.write_json(args.json_path, document)
-            console.print(f"JSON: {args.json_path}")
+        report.emit_json(args.json_path, document, console)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(comparison_markdown([c.to_dict() for c in comparisons]))

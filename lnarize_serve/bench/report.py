@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,12 @@ def environment() -> dict[str, Any]:
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def emit_json(destination: Path, document: dict[str, Any], console: Console) -> None:
+    """Write the run's JSON to a file, or to stdout when the destination is "-"."""
+    if str(destination) == "-":
+        sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+        return
+    write_json(destination, document)
+    console.print(f"JSON: {destination}")

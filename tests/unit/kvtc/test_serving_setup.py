@@ -1,7 +1,5 @@
 """KVTC server set-up: calibration source, validation against the model, settings."""
 
-import json
-
 import pytest
 
 from lnarize_serve.kvtc.calibration import Calibration, RotaryInfo
