@@ -44,7 +44,9 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
                        exact_keys: torch.Tensor | None = None,
                        exact_values: torch.Tensor | None = None,
                        sink_keys: torch.Tensor | None = None,
-                       sink_values: torch.Tensor | None = None) -> torch.Tensor:
+                       sink_values: torch.Tensor | None = None,
+                       compressed_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       return_lse: bool = False):
     """Attention of a batch of query tokens over a KVTC-compressed paged cache.
 
     query [T, Hq, d] (post-RoPE, sequences concatenated, Hq a multiple of H);
@@ -58,7 +60,12 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
     same softmax (the current chunk's tokens, as a backend has them in hand).
     If ``sink_keys``/``sink_values`` [B, S, H, d] are given, positions 0..S-1
     of sequence b use those exact vectors (the sink tokens the cache keeps
-    uncompressed, see docs/kvtc-layout.md). Returns fp32 [T, Hq, d].
+    uncompressed, see docs/kvtc-layout.md).
+    ``compressed_range`` (lo, hi) [B]: of the compressed positions only
+    lo[b] <= t < hi[b] are attended to (the caller merges the others in
+    through the LSE). Returns fp32 [T, Hq, d], plus the natural-log LSE
+    [T, Hq] when ``return_lse``; a row that attends to nothing gets LSE -inf
+    (and output 0).
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = layer.num_kv_heads
@@ -68,6 +75,7 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
     keys, values = layer.keys, layer.values
     out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float32,
                       device=query.device)
+    lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=query.device)
     for b in range(seq_lens.shape[0]):
         start, end = int(query_start_loc[b]), int(query_start_loc[b + 1])
         num_q, seq_len = end - start, int(seq_lens[b])
@@ -102,8 +110,16 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
             scores = torch.where(exact, exact_scores, scores)
         compressed = ~exact
         scores = scores * softmax_scale
-        visible = _causal_mask(num_q, seq_len, query.device)[:, None, None, :]
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        visible = _causal_mask(num_q, seq_len, query.device)
+        if compressed_range is not None:
+            positions = torch.arange(seq_len, device=query.device)
+            in_range = (positions >= int(compressed_range[0][b])) & (
+                positions < int(compressed_range[1][b]))
+            visible = visible & (exact | in_range)[None, :]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [n, H, g]
+        probs = torch.exp(scores - row_lse[..., None]).nan_to_num(0.0)
+        lse[start:end] = row_lse.reshape(num_q, num_q_heads)
 
         # values in code space: one inverse projection per (query, head)
         probs_c = probs * compressed
@@ -115,7 +131,7 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
         if bool(exact.any()):
             o = o + torch.einsum("nhgl,lhd->nhgd", probs * exact, v_exact)
         out[start:end] = o.reshape(num_q, num_q_heads, head_dim)
-    return out
+    return (out, lse) if return_lse else out
 
 
 def dense_attention(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],

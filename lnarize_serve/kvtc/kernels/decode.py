@@ -192,6 +192,7 @@ def _kvtc_split_kernel(
         block_table_ptr, block_table_stride, seq_lens_ptr, query_start_loc_ptr, block_size,
         qs_ptr, qconst_ptr, k_shift_ptr, k_mask_ptr, v_shift_ptr, v_mask_ptr,
         part_max_ptr, part_sum_ptr, part_acc_ptr, chunk_len, num_splits,
+        range_lo_ptr, range_hi_ptr, HAS_RANGE: tl.constexpr,
         GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
         K_NW: tl.constexpr, K_NWP: tl.constexpr, K_KP: tl.constexpr, K_STRADDLES: tl.constexpr,
         V_WORD0: tl.constexpr, V_NW: tl.constexpr, V_NWP: tl.constexpr, V_KP: tl.constexpr,
@@ -217,6 +218,10 @@ def _kvtc_split_kernel(
     if start >= seq_len:
         return  # the combine kernel only reads splits that hold tokens
     end = tl.minimum(start + chunk_len, seq_len)
+    first = 0
+    if HAS_RANGE:
+        first = tl.load(range_lo_ptr + seq)
+        end = tl.minimum(end, tl.load(range_hi_ptr + seq))
     num_q = tl.load(query_start_loc_ptr + seq + 1) - tl.load(query_start_loc_ptr + seq)
 
     KC: tl.constexpr = K_NWP * K_KP
@@ -255,7 +260,7 @@ def _kvtc_split_kernel(
     table_row = block_table_ptr + seq.to(tl.int64) * block_table_stride
     for t0 in range(start, end, BLOCK_T):
         pos = t0 + tl.arange(0, BLOCK_T)
-        tok_ok = pos < end
+        tok_ok = (pos < end) & (pos >= first)
         block = tl.load(table_row + pos // block_size, mask=tok_ok, other=0).to(tl.int64)
         slot_row = block * stride_block + head * stride_head + (pos % block_size) * stride_slot
         if TABLES_IN_LOOP:
@@ -352,7 +357,9 @@ def _kvtc_merge_kernel(
     cols = slab * SLAB + tl.arange(0, SLAB)
     acc = tl.load(part_acc_ptr + (part * ROWS + row)[:, None] * VC + cols[None, :],
                   mask=ok[:, None], other=0.0)
-    merged = tl.sum(acc * weight[:, None], axis=0) / total
+    # a row with nothing to read (all its positions exact) has total 0: coefficients
+    # 0 (finite, so a caller's zero weight cancels it), LSE -inf
+    merged = tl.where(total > 0, tl.sum(acc * weight[:, None], axis=0) / total, 0.0)
     coeff = (merged - tl.load(zero_ptr + head * VC + cols)) * tl.load(scale_ptr + head * VC + cols)
     tl.store(coeff_ptr + (pair.to(tl.int64) * ROWS + row) * VC + cols, coeff)
     if WRITE_LSE:
@@ -410,6 +417,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
                      tables: LayerKernelTables, softmax_scale: float, max_query_len: int,
                      max_seq_len: int, num_splits: int | None = None,
                      out: torch.Tensor | None = None, return_lse: bool = False,
+                     compressed_range: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_t: int = 128, num_warps: int = 4, num_stages: int = 2,
                      variant: int = 1, tables_in_loop: bool = True, unpack: int | None = None,
                      compiled: list | None = None):
@@ -421,7 +429,11 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     uint8 [blocks, H, block_size, SLOT_BYTES]; block_table [B, max_blocks]
     int32. ``max_seq_len`` bounds seq_lens (a static bound keeps the launch
     CUDA-graph safe). Returns out [T, Hq, d] (query's dtype unless ``out``),
-    plus the natural-log LSE [T, Hq] fp32 when ``return_lse``. ``variant``
+    plus the natural-log LSE [T, Hq] fp32 when ``return_lse``.
+    ``compressed_range`` (lo, hi), int32 [B] each: read only positions
+    lo[b] <= t < hi[b] of sequence b (the caller attends to the others from
+    exact vectors and merges through the LSE; a row that reads nothing gets
+    LSE -inf and a finite output of no meaning). ``variant``
     selects the split kernel's formulation (see _kvtc_split_kernel);
     ``unpack`` its code decoding (None: the unit-fp16 decode, UNPACK 1, where
     it applies, i.e. variants 1-2 without straddling codes; else the original
@@ -491,6 +503,8 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
         block_table, block_table.stride(0), seq_lens, query_start_loc, cache.shape[2],
         qs, qconst, k_shift, k_mask, v_shift, v_mask,
         part_max, part_sum, part_acc, chunk, num_splits,
+        *(compressed_range if compressed_range is not None else (seq_lens, seq_lens)),
+        HAS_RANGE=compressed_range is not None,
         GROUP=group, ROWS=rows, BLOCK_T=block_t,
         K_NW=k.num_words, K_NWP=k.words_padded, K_KP=k.kmax_padded, K_STRADDLES=k.straddles,
         V_WORD0=v.word_offset, V_NW=v.num_words, V_NWP=v.words_padded, V_KP=v.kmax_padded,

@@ -66,7 +66,7 @@ def _slot_mapping(table, seq, length, block_size):
 
 
 @pytest.mark.parametrize("layout", ["word-packed", "prefix"])
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
 def test_write_matches_reference_encoder_bytes(kernels, kernel_device, layout, block_size):
     gen = torch.Generator().manual_seed(block_size)
     layer, stats = _codec(layout, 2, 64, seed=3)
@@ -175,3 +175,33 @@ def test_bad_inputs_are_refused_with_the_reason(kernels, kernel_device):
     with pytest.raises(ValueError, match="query heads are not a multiple"):
         kernels.decode_attention(torch.zeros(1, 3, 64, device=kernel_device), wrong_cache, None,
                                  None, None, tables, 1.0, 1, 16)
+
+
+def test_decode_over_a_range_of_positions_matches_the_reference(kernels, kernel_device):
+    """compressed_range: sequence 0 skips its sink position, 1 reads all, 2
+    (one token, its sink) reads nothing: LSE -inf and a finite output, which
+    the glue's merge weighs 0."""
+    gen = torch.Generator().manual_seed(21)
+    layer, stats = _codec("word-packed", 2, 64, seed=9)
+    tables = kernels.prepare_layer_tables(layer.to(kernel_device))
+    seq_lens, nqs, block_size = [45, 20, 1], [4, 1, 1], 16
+    table, cache = _paged_cache(layer, seq_lens, block_size, gen, kernel_device)
+    for b, n in enumerate(seq_lens):
+        k, v = _tokens(stats, n, "calibrated", gen)
+        kernels.write_slots(k.to(kernel_device), v.to(kernel_device),
+                            _slot_mapping(table, b, n, block_size), cache, tables)
+    qsl = torch.tensor([0, 4, 5, 6], dtype=torch.int32)
+    query = torch.randn(6, 6, 64, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    lo = torch.tensor([1, 0, 1], dtype=torch.int32)
+    out, lse = kernels.decode_attention(
+        query.to(kernel_device), cache, table, lens.to(kernel_device), qsl.to(kernel_device),
+        tables, 0.125, 4, 45, num_splits=3, return_lse=True, block_t=16,
+        compressed_range=(lo.to(kernel_device), lens.to(kernel_device)))
+    ref, ref_lse = attention_on_slots(query, cache.cpu(), table.cpu(), lens, qsl, layer, 0.125,
+                                      compressed_range=(lo, lens), return_lse=True)
+    assert torch.isfinite(out[5]).all()
+    assert torch.isneginf(lse[5]).all() and torch.isneginf(ref_lse[5]).all()
+    err = float((out[:5].cpu() - ref[:5]).norm() / ref[:5].norm())
+    assert err < 5e-3, err
+    torch.testing.assert_close(lse[:5].cpu(), ref_lse[:5], rtol=2e-3, atol=2e-3)
