@@ -137,8 +137,13 @@ class Settings(BaseSettings):
     kvtc_calibration: str = Field(
         "kvtc_calibration.pt", description="KVTC calibration: a local path or a file name in the model repo."
     )
-    kvtc_sink_tokens: int = Field(
-        0, ge=0, le=1024, description="Leading tokens kept uncompressed by KVTC (this build: 0 only)."
+    kvtc_sink_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=1024,
+        description="Leading tokens KVTC serves exactly: 1 = the position-0 attention sink, from the "
+        "calibration's constants (no cache bytes); 0 = none; unset = 1 when the calibration has "
+        "the constants, else 0 (logged at start-up).",
     )
     kvtc_window_tokens: int = Field(
         0, ge=0, le=65536, description="Most recent tokens kept uncompressed by KVTC (this build: 0 only)."

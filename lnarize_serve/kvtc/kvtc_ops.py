@@ -1,18 +1,19 @@
-"""The two device-specific operations under the KVTC vLLM backend.
+"""The KVTC backend's glue and the two device-specific operations under it.
 
-The backend's glue (metadata, batch split, exact current chunk) is the same on
-every device; it calls an object with this interface:
+The glue (batch split, exact tokens, prefill) is the same on every device;
+it calls an object with this interface:
 
 - ``write``: compress the step's K/V into their slots.
 - ``decode``: attention of short queries (decode, MTP verification: at most
-  ``DECODE_MAX_QUERY`` tokens per sequence) over the cache alone; the new
-  tokens were written first, so they are read back compressed like the rest.
-- ``prefill``: attention of a prefill chunk: its tokens see each other
-  uncompressed and the history compressed.
+  ``DECODE_MAX_QUERY`` tokens per sequence) over a range of each sequence's
+  compressed positions; the new tokens were written first, so they are read
+  back compressed like the rest. Returns the output and its LSE, so the glue
+  can merge in tokens it serves exactly (the sink, :mod:`sink`).
 
-CPU: the codec's torch reference. CUDA: the Triton kernels for write and
-decode; prefill decodes each sequence's compressed history to dense K/V once
-and runs SDPA over it plus the exact chunk, in query blocks (bounded memory at
+CPU: the codec's torch reference. CUDA: the Triton kernels. Prefill chunks
+(longer rows) take one path on both: each sequence's compressed history is
+decoded to dense K/V once, exact tokens substituted, and SDPA runs over it
+plus the chunk's own uncompressed K/V, in query blocks (bounded memory at
 long contexts; there is no prefill kernel on slots yet).
 """
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from lnarize_serve.kvtc.attention import attention_on_slots, gather_slots
 from lnarize_serve.kvtc.attention import write_slots as write_slots_reference
 from lnarize_serve.kvtc.codec import LayerCodec, decode_kv, encode_kv
+from lnarize_serve.kvtc.sink import SinkConstants, merge_sink, sink_flags, snap_to_sink
 
 # Longest per-sequence query treated as decode/verify (the Triton decode
 # kernel's limit; MTP n=3 verification is 4).
@@ -39,12 +41,9 @@ class KVTCOps(Protocol):
 
     def decode(self, query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, codec: LayerCodec,
-               softmax_scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor: ...
-
-    def prefill(self, query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
-                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, codec: LayerCodec,
-                softmax_scale: float, exact_keys: torch.Tensor,
-                exact_values: torch.Tensor) -> torch.Tensor: ...
+               softmax_scale: float, max_query_len: int, max_seq_len: int,
+               compressed_range: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class TorchReferenceOps:
@@ -57,15 +56,10 @@ class TorchReferenceOps:
         write_slots_reference(cache, encode_kv(key, value, codec), slot_mapping)
 
     def decode(self, query, cache, block_table, seq_lens, query_start_loc, codec,
-               softmax_scale, max_query_len, max_seq_len):
+               softmax_scale, max_query_len, max_seq_len, compressed_range):
         return attention_on_slots(query, cache, block_table, seq_lens, query_start_loc,
-                                  codec, softmax_scale)
-
-    def prefill(self, query, cache, block_table, seq_lens, query_start_loc, codec,
-                softmax_scale, exact_keys, exact_values):
-        return attention_on_slots(query, cache, block_table, seq_lens, query_start_loc,
-                                  codec, softmax_scale, exact_keys=exact_keys,
-                                  exact_values=exact_values)
+                                  codec, softmax_scale, compressed_range=compressed_range,
+                                  return_lse=True)
 
 
 class TritonOps(TorchReferenceOps):
@@ -87,26 +81,24 @@ class TritonOps(TorchReferenceOps):
     def write(self, key, value, cache, slot_mapping, codec):
         self._kernels.write_slots(key, value, slot_mapping, cache, self._tables_for(codec))
 
-    def prefill(self, query, cache, block_table, seq_lens, query_start_loc, codec,
-                softmax_scale, exact_keys, exact_values):
-        return prefill_over_decoded_history(query, cache, block_table, seq_lens,
-                                            query_start_loc, codec, softmax_scale,
-                                            exact_keys, exact_values)
-
     def decode(self, query, cache, block_table, seq_lens, query_start_loc, codec,
-               softmax_scale, max_query_len, max_seq_len):
+               softmax_scale, max_query_len, max_seq_len, compressed_range):
         return self._kernels.decode_attention(
             query, cache, block_table, seq_lens, query_start_loc, self._tables_for(codec),
-            softmax_scale, max_query_len, max_seq_len)
+            softmax_scale, max_query_len, max_seq_len, compressed_range=compressed_range,
+            return_lse=True)
 
 
 def prefill_over_decoded_history(query, cache, block_table, seq_lens, query_start_loc, codec,
                                  softmax_scale, exact_keys, exact_values,
+                                 sink: SinkConstants | None = None,
+                                 flags: torch.Tensor | None = None,
                                  query_block: int = 512) -> torch.Tensor:
-    """Same result as the reference prefill, computed with SDPA: the history
+    """Prefill chunks over a compressed history, with SDPA: the history
     (positions before the chunk) is decoded from its slots once per sequence,
-    the chunk's own K/V are exact, and queries go in blocks of ``query_block``
-    so the score matrix stays bounded at long contexts."""
+    position 0 is the exact sink where ``flags[b]``, the chunk's own K/V are
+    exact, and queries go in blocks of ``query_block`` so the score matrix
+    stays bounded at long contexts."""
     num_kv_heads = codec.num_kv_heads
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     starts = query_start_loc.tolist()
@@ -120,6 +112,8 @@ def prefill_over_decoded_history(query, cache, block_table, seq_lens, query_star
         v_exact = exact_values[start:end].float()
         if history:
             k_hist, v_hist = decode_kv(gather_slots(cache, block_table[b], seq_len)[:history], codec)
+            if sink is not None and bool(flags[b]):
+                k_hist[0], v_hist[0] = sink.keys.float(), sink.values.float()
             keys, values = torch.cat([k_hist, k_exact]), torch.cat([v_hist, v_exact])
         else:
             keys, values = k_exact, v_exact
@@ -141,16 +135,29 @@ def ops_for_device(device: torch.device) -> KVTCOps:
     return TritonOps() if device.type == "cuda" else TorchReferenceOps()
 
 
+def kvtc_write(ops: KVTCOps, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
+               slot_mapping: torch.Tensor, codec: LayerCodec,
+               sink: SinkConstants | None) -> None:
+    """Compress the step's K/V; sink-like tokens are stored as the exact
+    sink's fixed pattern (see :mod:`sink`)."""
+    if sink is not None:
+        key, value = snap_to_sink(key, value, sink)
+    ops.write(key, value, cache, slot_mapping, codec)
+
+
 def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
                    block_table: torch.Tensor, seq_lens: torch.Tensor,
                    query_start_loc: torch.Tensor, query_start_loc_cpu: torch.Tensor,
                    codec: LayerCodec, softmax_scale: float,
                    exact_keys: torch.Tensor | None, exact_values: torch.Tensor | None,
-                   max_seq_len: int) -> torch.Tensor:
-    """The glue: split the batch into decode rows and prefill rows, run each op.
+                   max_seq_len: int, sink: SinkConstants | None = None) -> torch.Tensor:
+    """The glue: split the batch into decode rows and prefill rows, run each.
 
     The metadata builder moves rows with at most DECODE_MAX_QUERY tokens to
-    the front (vLLM's batch reordering), so decode rows are a prefix.
+    the front (vLLM's batch reordering), so decode rows are a prefix. With a
+    ``sink``, sequences whose position-0 slot holds its pattern attend to the
+    exact sink there: decode reads positions 1.. compressed and merges the
+    sink in through the LSE; prefill substitutes it in the decoded history.
     """
     query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
     num_decodes = 0
@@ -160,19 +167,34 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
         raise RuntimeError("KVTC: decode rows must precede prefill rows in the batch")
     num_decode_tokens = int(query_start_loc_cpu[num_decodes])
     num_tokens = query.shape[0]
+    num_reqs = len(query_lens)
+    flags = sink_flags(cache, block_table[:num_reqs], sink) if sink is not None else None
     out = torch.empty(num_tokens, query.shape[1], query.shape[2], dtype=torch.float32,
                       device=query.device)
     if num_decodes:
-        out[:num_decode_tokens] = ops.decode(
-            query[:num_decode_tokens], cache, block_table[:num_decodes],
-            seq_lens[:num_decodes], query_start_loc[: num_decodes + 1], codec,
-            softmax_scale, max(query_lens[:num_decodes]), max_seq_len).float()
-    if num_decodes < len(query_lens) and num_decode_tokens < num_tokens:
+        lens = seq_lens[:num_decodes]
+        # with the sink exact, decode reads positions 1.. of flagged sequences
+        compressed_range = None if flags is None else (flags[:num_decodes].to(lens.dtype), lens)
+        decoded, lse = ops.decode(
+            query[:num_decode_tokens], cache, block_table[:num_decodes], lens,
+            query_start_loc[: num_decodes + 1], codec, softmax_scale,
+            max(query_lens[:num_decodes]), max_seq_len, compressed_range=compressed_range)
+        if flags is not None:
+            # the row -> sequence map from the CPU query lengths: no device sync
+            row_seq = torch.repeat_interleave(torch.arange(num_decodes),
+                                              torch.tensor(query_lens[:num_decodes]))
+            row_flags = flags[row_seq.to(query.device, non_blocking=True)]
+            decoded = merge_sink(decoded, lse, query[:num_decode_tokens], sink, row_flags,
+                                 softmax_scale)
+        out[:num_decode_tokens] = decoded.float()
+    if num_decodes < num_reqs and num_decode_tokens < num_tokens:
         if exact_keys is None or exact_values is None:
             raise RuntimeError("KVTC prefill needs the chunk's keys and values")
-        out[num_decode_tokens:] = ops.prefill(
-            query[num_decode_tokens:], cache, block_table[num_decodes:],
-            seq_lens[num_decodes:], query_start_loc[num_decodes:] - num_decode_tokens,
+        out[num_decode_tokens:] = prefill_over_decoded_history(
+            query[num_decode_tokens:], cache, block_table[num_decodes:num_reqs],
+            seq_lens[num_decodes:num_reqs],
+            query_start_loc[num_decodes:num_reqs + 1] - num_decode_tokens,
             codec, softmax_scale, exact_keys[num_decode_tokens:],
-            exact_values[num_decode_tokens:]).float()
+            exact_values[num_decode_tokens:], sink=sink,
+            flags=None if flags is None else flags[num_decodes:])
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lnarize_serve.kvtc.calibration import (
+    Calibration,
     CalibrationError,
     ModelGeometry,
     load_calibration,
@@ -48,10 +49,10 @@ def unsupported_settings(settings: Settings) -> list[str]:
             f"invalid setting LNARIZE_KV_CACHE_DTYPE={settings.kv_cache_dtype!r}: KVTC stores its "
             "own compressed slots; use 'auto' with LNARIZE_KVTC_ENABLE"
         )
-    if settings.kvtc_sink_tokens:
+    if (settings.kvtc_sink_tokens or 0) > 1:
         problems.append(
-            f"invalid setting LNARIZE_KVTC_SINK_TOKENS={settings.kvtc_sink_tokens}: this build keeps "
-            "no sink tokens uncompressed (allowed: 0); prefill chunks attend to themselves exactly"
+            f"invalid setting LNARIZE_KVTC_SINK_TOKENS={settings.kvtc_sink_tokens}: this build serves "
+            "only the position-0 sink exactly (allowed: 0 or 1; sinks 4 measured the same as 1)"
         )
     if settings.kvtc_window_tokens:
         problems.append(
@@ -150,6 +151,28 @@ def prepare_calibration_file(
     return prepared
 
 
+def resolve_sink_tokens(setting: int | None, calibration: Calibration) -> int:
+    """LNARIZE_KVTC_SINK_TOKENS against the calibration: unset means 1 when it
+    has the position-0 constants (logged either way); 1 without them is an
+    error naming the setting."""
+    has_constants = bool(calibration.sink_keys)
+    if setting is None:
+        logger.info(
+            "KVTC sink: %s (LNARIZE_KVTC_SINK_TOKENS unset; the calibration has %sposition-0 "
+            "constants)",
+            "position 0 served exactly" if has_constants else "compressed like any token",
+            "" if has_constants else "no ",
+        )
+        return int(has_constants)
+    if setting and not has_constants:
+        raise KVTCSetupError(
+            f"invalid setting LNARIZE_KVTC_SINK_TOKENS={setting}: the KVTC calibration has no "
+            "position-0 sink constants (refit it with `lnarize-serve kvtc calibrate`, or set "
+            "LNARIZE_KVTC_SINK_TOKENS=0 to compress the sink like any token)"
+        )
+    return setting
+
+
 def default_converted_dir(cache_dir: Path | None) -> Path:
     from lnarize_serve.demo_model import default_cache_dir
 
@@ -180,9 +203,8 @@ def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngi
         raise KVTCSetupError(
             f"invalid setting LNARIZE_KVTC_CALIBRATION={settings.kvtc_calibration!r}: {exc}"
         ) from None
-    runtime = KVTCRuntimeConfig(
-        str(prepared.resolve()), settings.kvtc_sink_tokens, settings.kvtc_window_tokens
-    )
+    sink_tokens = resolve_sink_tokens(settings.kvtc_sink_tokens, load_calibration(prepared))
+    runtime = KVTCRuntimeConfig(str(prepared.resolve()), sink_tokens, settings.kvtc_window_tokens)
     runtime.export()
     from lnarize_serve.kvtc.plugin import register
 
@@ -192,7 +214,6 @@ def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngi
         **(engine_args.additional_config or {}),
         **runtime.as_additional_config(),
     }
-    calibration = load_calibration(prepared)
     logger.info(
         "KVTC on: %s, %d B per token per KV head (%.2fx smaller than bf16), layers %s",
         prepared,

@@ -10,12 +10,13 @@ step's queries over the compressed history, with the step's own tokens exact).
 One glue path for every device; only the two ops differ (:mod:`kvtc_ops`):
 the codec's torch reference on CPU, the Triton kernels on CUDA.
 
-Tokens kept exact: the tokens of a prefill chunk (more than DECODE_MAX_QUERY
-tokens of one sequence in a step) attend to each other with their
-uncompressed K/V; decode and MTP-verify rows read everything, themselves
-included, from the compressed cache (what the GPU decode kernel does). Sink
-and window tokens are not kept exact in this build (see docs/kvtc-vllm.md):
-the server rejects non-zero LNARIZE_KVTC_SINK_TOKENS/WINDOW_TOKENS.
+Tokens kept exact: the position-0 attention sink (LNARIZE_KVTC_SINK_TOKENS=1,
+from the calibration's constants, :mod:`sink`), and the tokens of a prefill
+chunk (more than DECODE_MAX_QUERY tokens of one sequence in a step), which
+attend to each other with their uncompressed K/V; decode and MTP-verify rows
+read everything else, themselves included, from the compressed cache (what
+the GPU decode kernel does). No recent-token window in this build (see
+docs/kvtc-vllm.md): the server rejects LNARIZE_KVTC_WINDOW_TOKENS > 0.
 """
 
 from __future__ import annotations
@@ -39,20 +40,35 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lnarize_serve.kvtc.codec import LayerCodec
-from lnarize_serve.kvtc.kvtc_ops import DECODE_MAX_QUERY, KVTCOps, kvtc_attention, ops_for_device
+from lnarize_serve.kvtc.kvtc_ops import (
+    DECODE_MAX_QUERY,
+    KVTCOps,
+    kvtc_attention,
+    kvtc_write,
+    ops_for_device,
+)
 from lnarize_serve.kvtc.calibration import Calibration, CalibrationError
 from lnarize_serve.kvtc.model_codecs import layer_index_for, load_serving_calibration
-from lnarize_serve.kvtc.runtime_config import KVTCConfigError, runtime_config_from_environ
+from lnarize_serve.kvtc.runtime_config import (
+    KVTCConfigError,
+    KVTCRuntimeConfig,
+    runtime_config_from_environ,
+)
+from lnarize_serve.kvtc.sink import SinkConstants
 
 
-def _calibration() -> Calibration:
+def _runtime() -> KVTCRuntimeConfig:
     runtime = runtime_config_from_environ()
     if runtime is None:
         raise KVTCConfigError(
             "the KVTC attention backend is installed but LNARIZE_KVTC_ENABLE is off "
             "in this process"
         )
-    return load_serving_calibration(runtime.calibration_path)
+    return runtime
+
+
+def _calibration() -> Calibration:
+    return load_serving_calibration(_runtime().calibration_path)
 
 
 class KVTCAttentionBackend(AttentionBackend):
@@ -202,7 +218,14 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.sliding_window = None
-        self.calibration = _calibration()
+        runtime = _runtime()
+        self.calibration = load_serving_calibration(runtime.calibration_path)
+        self.exact_sink = runtime.sink_tokens > 0
+        if self.exact_sink and not self.calibration.sink_keys:
+            raise CalibrationError(
+                "LNARIZE_KVTC_SINK_TOKENS=1 needs a calibration with position-0 sink "
+                "constants; this one has none"
+            )
         if (head_size, self.num_kv_heads) != (
             self.calibration.head_dim,
             self.calibration.num_kv_heads,
@@ -212,20 +235,39 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
                 f"{self.calibration.head_dim}; this layer has {self.num_kv_heads} of dim "
                 f"{head_size}"
             )
-        # per layer name: the layer's codec on the cache's device, and the ops
+        # per layer name: the layer's codec on the cache's device, its exact
+        # sink (None: compressed like any token), and the ops
         self._layer_codecs: dict[str, LayerCodec] = {}
+        self._layer_sinks: dict[str, SinkConstants | None] = {}
         self._ops: KVTCOps | None = None
+
+    def _index_of(self, layer: AttentionLayer) -> int:
+        return layer_index_for(
+            layer.layer_name, self.calibration.layer_indices, self.calibration.num_model_layers
+        )
 
     def _codec_for(self, layer: AttentionLayer, device: torch.device) -> LayerCodec:
         name = layer.layer_name
         codec = self._layer_codecs.get(name)
         if codec is None:
-            index = layer_index_for(
-                name, self.calibration.layer_indices, self.calibration.num_model_layers
-            )
-            codec = self.calibration.layers[index].to(device)
+            codec = self.calibration.layers[self._index_of(layer)].to(device)
             self._layer_codecs[name] = codec
         return codec
+
+    def _sink_for(self, layer: AttentionLayer, dtype: torch.dtype,
+                  device: torch.device) -> SinkConstants | None:
+        name = layer.layer_name
+        if name not in self._layer_sinks:
+            sink = None
+            if self.exact_sink:
+                codec = self._codec_for(layer, device)
+                ops = self._ops_for(device)
+                sink = SinkConstants.for_layer(
+                    self.calibration, self._index_of(layer),
+                    lambda k, v, cache, slots: ops.write(k, v, cache, slots, codec),
+                    dtype, device)
+            self._layer_sinks[name] = sink
+        return self._layer_sinks[name]
 
     def _ops_for(self, device: torch.device) -> KVTCOps:
         if self._ops is None:
@@ -243,9 +285,11 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         num_tokens = slot_mapping.shape[0]
         if num_tokens == 0:
             return
-        codec = self._codec_for(layer, kv_cache.device)
-        self._ops_for(kv_cache.device).write(
-            key[:num_tokens], value[:num_tokens], kv_cache.view(torch.uint8), slot_mapping, codec
+        device = kv_cache.device
+        kvtc_write(
+            self._ops_for(device), key[:num_tokens], value[:num_tokens],
+            kv_cache.view(torch.uint8), slot_mapping, self._codec_for(layer, device),
+            self._sink_for(layer, key.dtype, device),
         )
 
     def forward(
@@ -281,6 +325,7 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
             exact_keys=None if key is None else key[:num_tokens],
             exact_values=None if value is None else value[:num_tokens],
             max_seq_len=meta.max_seq_len,
+            sink=self._sink_for(layer, query.dtype, kv_cache.device),
         )
         output[:num_tokens] = result.reshape(output[:num_tokens].shape).to(output.dtype)
         return output

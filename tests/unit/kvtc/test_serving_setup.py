@@ -8,6 +8,7 @@ from lnarize_serve.kvtc.serving_setup import (
     KVTCSetupError,
     prepare_calibration_file,
     resolve_calibration_source,
+    resolve_sink_tokens,
 )
 
 SMALL_CONFIG = {
@@ -64,3 +65,18 @@ def test_calibration_source_local_file_then_model_folder(tmp_path):
     assert found == model_dir / "kvtc_calibration.pt"
     with pytest.raises(KVTCSetupError, match="LNARIZE_KVTC_CALIBRATION='other.pt'"):
         resolve_calibration_source("other.pt", str(model_dir), None, None)
+
+
+def test_sink_setting_is_checked_against_the_calibration():
+    import torch
+
+    plain = _calibration([0, 1, 2, 3])
+    assert resolve_sink_tokens(None, plain) == 0  # unset: compressed, logged
+    assert resolve_sink_tokens(0, plain) == 0
+    with pytest.raises(KVTCSetupError, match="LNARIZE_KVTC_SINK_TOKENS=1.*no position-0 sink"):
+        resolve_sink_tokens(1, plain)
+    constants = {i: torch.ones(2, 64) for i in range(4)}
+    with_sink = Calibration("test", 64, 2, 4, plain.layers, plain.rotary, sink_tokens=1,
+                            sink_keys=constants, sink_values=constants, sink_token_id=1)
+    assert resolve_sink_tokens(None, with_sink) == 1
+    assert resolve_sink_tokens(0, with_sink) == 0
