@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-
 import torch.nn.functional as F
 
 from lnarize_serve.kvtc.attention import attention_on_slots, gather_slots

@@ -203,7 +203,8 @@ def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngi
         raise KVTCSetupError(
             f"invalid setting LNARIZE_KVTC_CALIBRATION={settings.kvtc_calibration!r}: {exc}"
         ) from None
-    sink_tokens = resolve_sink_tokens(settings.kvtc_sink_tokens, load_calibration(prepared))
+    calibration = load_calibration(prepared)
+    sink_tokens = resolve_sink_tokens(settings.kvtc_sink_tokens, calibration)
     runtime = KVTCRuntimeConfig(str(prepared.resolve()), sink_tokens, settings.kvtc_window_tokens)
     runtime.export()
     from lnarize_serve.kvtc.plugin import register

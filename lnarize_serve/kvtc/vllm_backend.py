@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -39,6 +38,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from lnarize_serve.kvtc.calibration import Calibration, CalibrationError
 from lnarize_serve.kvtc.codec import LayerCodec
 from lnarize_serve.kvtc.kvtc_ops import (
     DECODE_MAX_QUERY,
@@ -47,7 +47,6 @@ from lnarize_serve.kvtc.kvtc_ops import (
     kvtc_write,
     ops_for_device,
 )
-from lnarize_serve.kvtc.calibration import Calibration, CalibrationError
 from lnarize_serve.kvtc.model_codecs import layer_index_for, load_serving_calibration
 from lnarize_serve.kvtc.runtime_config import (
     KVTCConfigError,

@@ -184,7 +184,7 @@ def test_decode_over_a_range_of_positions_matches_the_reference(kernels, kernel_
     gen = torch.Generator().manual_seed(21)
     layer, stats = _codec("word-packed", 2, 64, seed=9)
     tables = kernels.prepare_layer_tables(layer.to(kernel_device))
-    seq_lens, nqs, block_size = [45, 20, 1], [4, 1, 1], 16
+    seq_lens, block_size = [45, 20, 1], 16  # query tokens 4, 1, 1
     table, cache = _paged_cache(layer, seq_lens, block_size, gen, kernel_device)
     for b, n in enumerate(seq_lens):
         k, v = _tokens(stats, n, "calibrated", gen)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lnarize_serve.kvtc.attention import attention_on_slots, write_slots
+from lnarize_serve.kvtc.calibration import CalibrationError
 from lnarize_serve.kvtc.codec import encode_kv
 from lnarize_serve.kvtc.fit import random_layer_codec, sample_from_statistics
 from lnarize_serve.kvtc.kvtc_ops import (
@@ -12,14 +13,13 @@ from lnarize_serve.kvtc.kvtc_ops import (
     kvtc_write,
     prefill_over_decoded_history,
 )
-from lnarize_serve.kvtc.sink import SinkConstants, sink_flags, snap_to_sink
-from lnarize_serve.kvtc.calibration import CalibrationError
 from lnarize_serve.kvtc.model_codecs import layer_index_for
 from lnarize_serve.kvtc.runtime_config import (
     KVTCConfigError,
     KVTCRuntimeConfig,
     runtime_config_from_environ,
 )
+from lnarize_serve.kvtc.sink import SinkConstants, sink_flags, snap_to_sink
 
 
 def test_layer_names_map_to_calibrated_layers():
