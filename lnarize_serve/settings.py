@@ -146,7 +146,11 @@ class Settings(BaseSettings):
         "the constants, else 0 (logged at start-up).",
     )
     kvtc_window_tokens: int = Field(
-        0, ge=0, le=65536, description="Most recent tokens kept uncompressed by KVTC (this build: 0 only)."
+        0,
+        ge=0,
+        le=65536,
+        description="Most recent tokens of each sequence KVTC also keeps exact, in a small pool "
+        "outside vLLM's cache (max_num_seqs x (window + 32) tokens per layer); 0 = none.",
     )
 
     @classmethod

@@ -19,6 +19,7 @@ long contexts; there is no prefill kernel on slots yet).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from lnarize_serve.kvtc.attention import attention_on_slots, gather_slots
 from lnarize_serve.kvtc.attention import write_slots as write_slots_reference
 from lnarize_serve.kvtc.codec import LayerCodec, decode_kv, encode_kv
-from lnarize_serve.kvtc.sink import SinkConstants, merge_sink, sink_flags, snap_to_sink
+from lnarize_serve.kvtc.sink import SinkConstants, sink_flags, snap_to_sink
+from lnarize_serve.kvtc.window import LayerWindow, WindowStep
 
 # Longest per-sequence query treated as decode/verify (the Triton decode
 # kernel's limit; MTP n=3 verification is 4).
@@ -90,14 +92,12 @@ class TritonOps(TorchReferenceOps):
 
 def prefill_over_decoded_history(query, cache, block_table, seq_lens, query_start_loc, codec,
                                  softmax_scale, exact_keys, exact_values,
-                                 sink: SinkConstants | None = None,
-                                 flags: torch.Tensor | None = None,
-                                 query_block: int = 512) -> torch.Tensor:
+                                 history_fixes=None, query_block: int = 512) -> torch.Tensor:
     """Prefill chunks over a compressed history, with SDPA: the history
     (positions before the chunk) is decoded from its slots once per sequence,
-    position 0 is the exact sink where ``flags[b]``, the chunk's own K/V are
-    exact, and queries go in blocks of ``query_block`` so the score matrix
-    stays bounded at long contexts."""
+    ``history_fixes(b, keys, values)`` puts exact tokens in place (the sink,
+    the window), the chunk's own K/V are exact, and queries go in blocks of
+    ``query_block`` so the score matrix stays bounded at long contexts."""
     num_kv_heads = codec.num_kv_heads
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     starts = query_start_loc.tolist()
@@ -111,8 +111,8 @@ def prefill_over_decoded_history(query, cache, block_table, seq_lens, query_star
         v_exact = exact_values[start:end].float()
         if history:
             k_hist, v_hist = decode_kv(gather_slots(cache, block_table[b], seq_len)[:history], codec)
-            if sink is not None and bool(flags[b]):
-                k_hist[0], v_hist[0] = sink.keys.float(), sink.values.float()
+            if history_fixes is not None:
+                history_fixes(b, k_hist, v_hist)
             keys, values = torch.cat([k_hist, k_exact]), torch.cat([v_hist, v_exact])
         else:
             keys, values = k_exact, v_exact
@@ -130,17 +130,61 @@ def prefill_over_decoded_history(query, cache, block_table, seq_lens, query_star
     return out
 
 
+def merge_exact(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                softmax_scale: float) -> torch.Tensor:
+    """Add exact tokens to attention computed without them.
+
+    out [T, Hq, d] and lse [T, Hq] (natural log, -inf where nothing was read)
+    come from the compressed positions; row t also attends to the exact
+    tokens ``keys/values[t, e]`` ([T, E, H, d]) where ``mask[t, e]``. Softmax
+    over the union = LSE-weighted merge. Every row attends to something.
+    """
+    num_tokens, num_q_heads, head_dim = query.shape
+    heads = keys.shape[2]
+    group = num_q_heads // heads
+    q = query.view(num_tokens, heads, group, head_dim).float()
+    score = torch.einsum("thgd,tehd->thge", q, keys.float()) * softmax_scale
+    score.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    lse = lse.view(num_tokens, heads, group)
+    top = torch.maximum(lse, score.amax(dim=-1)).clamp_min_(-1e30)  # finite: no inf - inf
+    w_compressed = (lse - top).exp_()
+    probs = (score - top[..., None]).exp_()
+    merged = out.float().view(num_tokens, heads, group, head_dim) * w_compressed[..., None]
+    merged += torch.einsum("thge,tehd->thgd", probs, values.float())
+    merged /= (w_compressed + probs.sum(dim=-1))[..., None]
+    return merged.view(num_tokens, num_q_heads, head_dim)
+
+
 def ops_for_device(device: torch.device) -> KVTCOps:
     return TritonOps() if device.type == "cuda" else TorchReferenceOps()
 
 
+@dataclass
+class ExactTokens:
+    """What one layer serves exactly besides the current chunk: the
+    position-0 sink and/or the recent-token window (its copies and this
+    step's bookkeeping)."""
+
+    sink: SinkConstants | None = None
+    window: LayerWindow | None = None
+    step: WindowStep | None = None
+
+    @property
+    def has_window(self) -> bool:
+        return self.window is not None and self.step is not None
+
+
 def kvtc_write(ops: KVTCOps, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
                slot_mapping: torch.Tensor, codec: LayerCodec,
-               sink: SinkConstants | None) -> None:
+               exact: ExactTokens | None = None) -> None:
     """Compress the step's K/V; sink-like tokens are stored as the exact
-    sink's fixed pattern (see :mod:`sink`)."""
-    if sink is not None:
-        key, value = snap_to_sink(key, value, sink)
+    sink's fixed pattern (see :mod:`sink`); window copies are kept exact."""
+    exact = exact or ExactTokens()
+    if exact.has_window:
+        exact.window.write(key, value, exact.step)
+    if exact.sink is not None:
+        key, value = snap_to_sink(key, value, exact.sink)
     ops.write(key, value, cache, slot_mapping, codec)
 
 
@@ -149,15 +193,17 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
                    query_start_loc: torch.Tensor, query_start_loc_cpu: torch.Tensor,
                    codec: LayerCodec, softmax_scale: float,
                    exact_keys: torch.Tensor | None, exact_values: torch.Tensor | None,
-                   max_seq_len: int, sink: SinkConstants | None = None) -> torch.Tensor:
+                   max_seq_len: int, exact: ExactTokens | None = None) -> torch.Tensor:
     """The glue: split the batch into decode rows and prefill rows, run each.
 
     The metadata builder moves rows with at most DECODE_MAX_QUERY tokens to
-    the front (vLLM's batch reordering), so decode rows are a prefix. With a
-    ``sink``, sequences whose position-0 slot holds its pattern attend to the
-    exact sink there: decode reads positions 1.. compressed and merges the
-    sink in through the LSE; prefill substitutes it in the decoded history.
+    the front (vLLM's batch reordering), so decode rows are a prefix.
+    Exact tokens (``exact``): the sink (sequences whose position-0 slot holds
+    its pattern) and the window's exact suffix. Decode reads only the
+    positions between them from the slots and merges the exact ones in
+    through the LSE; prefill substitutes them in the decoded history.
     """
+    exact = exact or ExactTokens()
     query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] <= DECODE_MAX_QUERY:
@@ -167,33 +213,78 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
     num_decode_tokens = int(query_start_loc_cpu[num_decodes])
     num_tokens = query.shape[0]
     num_reqs = len(query_lens)
+    device = query.device
+    lens_all = seq_lens[:num_reqs]
+    sink = exact.sink
     flags = sink_flags(cache, block_table[:num_reqs], sink) if sink is not None else None
+    first = flags.to(torch.int64) if flags is not None else torch.zeros_like(lens_all, dtype=torch.int64)
+    window = exact.window.exact_suffix(exact.step, first) if exact.has_window else None
     out = torch.empty(num_tokens, query.shape[1], query.shape[2], dtype=torch.float32,
-                      device=query.device)
+                      device=device)
     if num_decodes:
-        lens = seq_lens[:num_decodes]
-        # with the sink exact, decode reads positions 1.. of flagged sequences
-        compressed_range = None if flags is None else (flags[:num_decodes].to(lens.dtype), lens)
+        lens = lens_all[:num_decodes]
+        compressed_range = None
+        if flags is not None or window is not None:
+            # compressed positions: after the sink, before the window's exact suffix
+            hi = lens if window is None else lens - window[:num_decodes].sum(dim=1).to(lens.dtype)
+            compressed_range = (first[:num_decodes].to(lens.dtype), hi)
         decoded, lse = ops.decode(
             query[:num_decode_tokens], cache, block_table[:num_decodes], lens,
             query_start_loc[: num_decodes + 1], codec, softmax_scale,
             max(query_lens[:num_decodes]), max_seq_len, compressed_range=compressed_range)
-        if flags is not None:
-            # the row -> sequence map from the CPU query lengths: no device sync
-            row_seq = torch.repeat_interleave(torch.arange(num_decodes),
-                                              torch.tensor(query_lens[:num_decodes]))
-            row_flags = flags[row_seq.to(query.device, non_blocking=True)]
-            decoded = merge_sink(decoded, lse, query[:num_decode_tokens], sink, row_flags,
-                                 softmax_scale)
+        if compressed_range is not None:
+            decoded = _merge_decode_exact(decoded, lse, query[:num_decode_tokens], exact, flags,
+                                          window, lens, query_lens[:num_decodes], softmax_scale)
         out[:num_decode_tokens] = decoded.float()
     if num_decodes < num_reqs and num_decode_tokens < num_tokens:
         if exact_keys is None or exact_values is None:
             raise RuntimeError("KVTC prefill needs the chunk's keys and values")
+
+        def history_fixes(b: int, k_hist: torch.Tensor, v_hist: torch.Tensor) -> None:
+            seq = num_decodes + b
+            if flags is not None and bool(flags[seq]):
+                k_hist[0], v_hist[0] = sink.keys.float(), sink.values.float()
+            if window is not None:
+                positions = exact.step.positions[seq]
+                use = window[seq] & (positions < k_hist.shape[0])
+                rows = exact.step.read_row[seq][use]
+                k_hist[positions[use]] = exact.window.keys[rows].float()
+                v_hist[positions[use]] = exact.window.values[rows].float()
+
         out[num_decode_tokens:] = prefill_over_decoded_history(
             query[num_decode_tokens:], cache, block_table[num_decodes:num_reqs],
             seq_lens[num_decodes:num_reqs],
             query_start_loc[num_decodes:num_reqs + 1] - num_decode_tokens,
             codec, softmax_scale, exact_keys[num_decode_tokens:],
-            exact_values[num_decode_tokens:], sink=sink,
-            flags=None if flags is None else flags[num_decodes:])
+            exact_values[num_decode_tokens:],
+            history_fixes=history_fixes if (flags is not None or window is not None) else None)
     return out
+
+
+def _merge_decode_exact(decoded, lse, query, exact: ExactTokens, flags, window, lens,
+                        query_lens: list[int], softmax_scale: float) -> torch.Tensor:
+    """Decode rows: merge the sink and the window's exact suffix (causal per
+    row: an MTP verify row sees window positions up to its own)."""
+    device = query.device
+    num_decodes = len(query_lens)
+    # row -> sequence and row -> distance from the end, from the CPU lengths: no sync
+    row_seq_cpu = torch.repeat_interleave(torch.arange(num_decodes), torch.tensor(query_lens))
+    from_end = torch.cat([torch.arange(n - 1, -1, -1) for n in query_lens])
+    row_seq = row_seq_cpu.to(device, non_blocking=True)
+    # row i of a sequence with n new tokens sits at position seq_len - n + i
+    row_position = lens.to(torch.int64)[row_seq] - 1 - from_end.to(device, non_blocking=True)
+    num_rows = query.shape[0]
+    keys, values, masks = [], [], []
+    if flags is not None:
+        sink = exact.sink
+        keys.append(sink.keys[None, None].expand(num_rows, 1, *sink.keys.shape))
+        values.append(sink.values[None, None].expand(num_rows, 1, *sink.values.shape))
+        masks.append(flags[row_seq][:, None])
+    if window is not None:
+        rows = exact.step.read_row[:num_decodes][row_seq]  # [R, W]
+        keys.append(exact.window.keys[rows])
+        values.append(exact.window.values[rows])
+        visible = exact.step.positions[:num_decodes][row_seq] <= row_position[:, None]
+        masks.append(window[:num_decodes][row_seq] & visible)
+    return merge_exact(decoded, lse, query, torch.cat(keys, 1), torch.cat(values, 1),
+                       torch.cat(masks, 1), softmax_scale)

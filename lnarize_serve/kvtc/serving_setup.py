@@ -54,11 +54,6 @@ def unsupported_settings(settings: Settings) -> list[str]:
             f"invalid setting LNARIZE_KVTC_SINK_TOKENS={settings.kvtc_sink_tokens}: this build serves "
             "only the position-0 sink exactly (allowed: 0 or 1; sinks 4 measured the same as 1)"
         )
-    if settings.kvtc_window_tokens:
-        problems.append(
-            f"invalid setting LNARIZE_KVTC_WINDOW_TOKENS={settings.kvtc_window_tokens}: this build "
-            "keeps no recent-token window uncompressed (allowed: 0)"
-        )
     return problems
 
 

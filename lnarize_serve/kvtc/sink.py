@@ -91,28 +91,3 @@ def sink_flags(cache: torch.Tensor, block_table: torch.Tensor,
     """[B] bool: sequence b's position-0 slot holds the sink pattern."""
     first_slots = cache[block_table[:, 0].long(), :, 0]  # [B, H, SLOT]
     return (first_slots == sink.slot).flatten(1).all(dim=1)
-
-
-def merge_sink(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor,
-               sink: SinkConstants, row_flags: torch.Tensor,
-               softmax_scale: float) -> torch.Tensor:
-    """Add the exact sink to attention computed without it.
-
-    out [T, Hq, d] fp32 and lse [T, Hq] (natural log; -inf where nothing was
-    attended) come from the compressed positions; rows whose flag is set also
-    attend to the sink. Softmax over the union = LSE-weighted merge. (Rows
-    without the flag read position 0 compressed, so their LSE is finite.)
-    """
-    num_tokens, num_q_heads, head_dim = query.shape
-    heads = sink.keys.shape[0]
-    group = num_q_heads // heads
-    q = query.view(num_tokens, heads, group, head_dim).float()
-    score = torch.einsum("thgd,hd->thg", q, sink.keys_f32).reshape(num_tokens, num_q_heads)
-    score.mul_(softmax_scale).masked_fill_(~row_flags[:, None], float("-inf"))
-    top = torch.maximum(lse, score).clamp_min_(-1e30)  # finite: no inf - inf
-    w_compressed = (lse - top).exp_()
-    w_sink = (score - top).exp_()
-    merged = out.float() * w_compressed[..., None]
-    merged.view(num_tokens, heads, group, head_dim).add_(
-        sink.values_f32[None, :, None, :] * w_sink.view(num_tokens, heads, group, 1))
-    return merged.div_((w_compressed + w_sink)[..., None])

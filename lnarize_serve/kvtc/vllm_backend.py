@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -42,6 +43,7 @@ from lnarize_serve.kvtc.calibration import Calibration, CalibrationError
 from lnarize_serve.kvtc.codec import LayerCodec
 from lnarize_serve.kvtc.kvtc_ops import (
     DECODE_MAX_QUERY,
+    ExactTokens,
     KVTCOps,
     kvtc_attention,
     kvtc_write,
@@ -54,6 +56,7 @@ from lnarize_serve.kvtc.runtime_config import (
     runtime_config_from_environ,
 )
 from lnarize_serve.kvtc.sink import SinkConstants
+from lnarize_serve.kvtc.window import LayerWindow, WindowPool, WindowStep, pool_entries
 
 
 def _runtime() -> KVTCRuntimeConfig:
@@ -143,6 +146,7 @@ class KVTCMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor | None
+    window: WindowStep | None = None  # this step's recent-token window bookkeeping
 
 
 class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
@@ -160,6 +164,11 @@ class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
         # vLLM moves rows with at most this many tokens to the front, so the
         # decode/verify rows form a prefix the decode op takes in one call.
         self.reorder_batch_threshold = DECODE_MAX_QUERY
+        window = _runtime().window_tokens
+        self.window_pool = None
+        if window:
+            entries = pool_entries(vllm_config.scheduler_config.max_num_seqs, window)
+            self.window_pool = WindowPool(window, entries, kv_cache_spec.block_size, device)
 
     def build(
         self,
@@ -168,6 +177,11 @@ class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
         fast_build: bool = False,
     ) -> KVTCMetadata:
         cam = common_attn_metadata
+        window = None
+        if self.window_pool is not None:
+            window = self.window_pool.step(
+                cam.block_table_tensor[: cam.num_reqs], cam.seq_lens[: cam.num_reqs],
+                cam.slot_mapping[: cam.num_actual_tokens])
         return KVTCMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             max_query_len=cam.max_query_len,
@@ -178,6 +192,7 @@ class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
             slot_mapping=cam.slot_mapping,
             query_start_loc_cpu=cam.query_start_loc_cpu,
             seq_lens_cpu=cam.seq_lens_cpu_upper_bound,
+            window=window,
         )
 
 
@@ -238,6 +253,7 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         # sink (None: compressed like any token), and the ops
         self._layer_codecs: dict[str, LayerCodec] = {}
         self._layer_sinks: dict[str, SinkConstants | None] = {}
+        self._layer_windows: dict[str, LayerWindow] = {}
         self._ops: KVTCOps | None = None
 
     def _index_of(self, layer: AttentionLayer) -> int:
@@ -273,6 +289,19 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
             self._ops = ops_for_device(device)
         return self._ops
 
+    def _exact_for(self, layer: AttentionLayer, dtype: torch.dtype, device: torch.device,
+                   meta: KVTCMetadata | None) -> ExactTokens:
+        step = meta.window if meta is not None else None
+        window = None
+        if step is not None:
+            window = self._layer_windows.get(layer.layer_name)
+            if window is None:
+                # allocated on the first step (a few MB: entries x 16 slots)
+                window = LayerWindow(step.entries, self.num_kv_heads, self.head_size, dtype,
+                                     device, step.sub_block)
+                self._layer_windows[layer.layer_name] = window
+        return ExactTokens(self._sink_for(layer, dtype, device), window, step)
+
     def do_kv_cache_update(
         self,
         layer: torch.nn.Module,
@@ -285,10 +314,11 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         if num_tokens == 0:
             return
         device = kv_cache.device
+        meta = get_attention_context(layer.layer_name)[0]
         kvtc_write(
             self._ops_for(device), key[:num_tokens], value[:num_tokens],
             kv_cache.view(torch.uint8), slot_mapping, self._codec_for(layer, device),
-            self._sink_for(layer, key.dtype, device),
+            self._exact_for(layer, key.dtype, device, meta),
         )
 
     def forward(
@@ -324,7 +354,7 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
             exact_keys=None if key is None else key[:num_tokens],
             exact_values=None if value is None else value[:num_tokens],
             max_seq_len=meta.max_seq_len,
-            sink=self._sink_for(layer, query.dtype, kv_cache.device),
+            exact=self._exact_for(layer, query.dtype, kv_cache.device, meta),
         )
         output[:num_tokens] = result.reshape(output[:num_tokens].shape).to(output.dtype)
         return output

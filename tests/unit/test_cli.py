@@ -68,9 +68,9 @@ def test_kvtc_config_shows_the_backend_and_refuses_what_it_cannot_honour(capsys,
     monkeypatch.setenv("LNARIZE_KVTC_ENABLE", "1")
     code, out, _ = run_cli(capsys, "config")
     assert code == 0 and "CUSTOM" in out and "lnarize_kvtc" in out
-    monkeypatch.setenv("LNARIZE_KVTC_WINDOW_TOKENS", "128")
+    monkeypatch.setenv("LNARIZE_KVTC_SINK_TOKENS", "4")
     code, _, err = run_cli(capsys, "config")
-    assert code == 2 and "LNARIZE_KVTC_WINDOW_TOKENS=128" in err
+    assert code == 2 and "LNARIZE_KVTC_SINK_TOKENS=4" in err
 
 
 def test_version_and_help_and_unknown(capsys):

@@ -7,11 +7,12 @@ from lnarize_serve.kvtc.attention import attention_on_slots, write_slots
 from lnarize_serve.kvtc.calibration import CalibrationError
 from lnarize_serve.kvtc.codec import encode_kv
 from lnarize_serve.kvtc.fit import random_layer_codec, sample_from_statistics
+from lnarize_serve.kvtc.attention import decoded_sequences, dense_attention
 from lnarize_serve.kvtc.kvtc_ops import (
+    ExactTokens,
     TorchReferenceOps,
     kvtc_attention,
     kvtc_write,
-    prefill_over_decoded_history,
 )
 from lnarize_serve.kvtc.model_codecs import layer_index_for
 from lnarize_serve.kvtc.runtime_config import (
@@ -20,6 +21,7 @@ from lnarize_serve.kvtc.runtime_config import (
     runtime_config_from_environ,
 )
 from lnarize_serve.kvtc.sink import SinkConstants, sink_flags, snap_to_sink
+from lnarize_serve.kvtc.window import LayerWindow, WindowPool, pool_entries
 
 
 def test_layer_names_map_to_calibrated_layers():
@@ -77,8 +79,8 @@ def test_glue_splits_decode_and_prefill_rows_like_separate_calls():
 
 
 def _paged(codec, stats, lens, block_size, gen, first_tokens=None):
-    """A paged cache holding sequences of ``lens`` tokens (sampled K/V); the
-    first token of sequence b is ``first_tokens[b]`` (K, V) when given."""
+    """A paged cache for sequences of ``lens`` tokens (sampled K/V); the first
+    token of sequence b is ``first_tokens[b]`` (K, V) when given."""
     blocks = [-(-n // block_size) for n in lens]
     cache = torch.zeros(sum(blocks) + 1, codec.num_kv_heads, block_size, codec.slot_bytes,
                         dtype=torch.uint8)
@@ -97,11 +99,14 @@ def _paged(codec, stats, lens, block_size, gen, first_tokens=None):
     return cache, block_table, keys, values
 
 
-def _write_all(ops, cache, block_table, keys, values, codec, sink, block_size):
+def _slots(block_table, b, positions, block_size):
+    return block_table[b][positions // block_size].long() * block_size + positions % block_size
+
+
+def _write_all(ops, cache, block_table, keys, values, codec, exact, block_size):
     for b, (k, v) in enumerate(zip(keys, values)):
-        pos = torch.arange(k.shape[0])
-        slots = block_table[b][pos // block_size].long() * block_size + pos % block_size
-        kvtc_write(ops, k, v, cache, slots, codec, sink)
+        kvtc_write(ops, k, v, cache, _slots(block_table, b, torch.arange(k.shape[0]), block_size),
+                   codec, exact)
 
 
 def _sink(codec, stats, gen):
@@ -113,32 +118,37 @@ def _sink(codec, stats, gen):
                                  torch.float32, torch.device("cpu"))
 
 
-def test_prefill_over_decoded_history_equals_the_reference():
-    """The prefill path (decode history, SDPA in query blocks) computes what
-    the reference attention on slots computes, exact sink included."""
+def _reference(query, qsl, cache, block_table, lens, codec, exact_positions, keys, values):
+    """Dense causal attention over the decoded slots, with the positions in
+    ``exact_positions[b]`` taken from the true K/V (``keys``/``values``)."""
+    dec_k, dec_v = decoded_sequences(cache, block_table, torch.tensor(lens), codec)
+    for b, positions in enumerate(exact_positions):
+        for p in positions:
+            dec_k[b][p], dec_v[b][p] = keys[b][p], values[b][p]
+    return dense_attention(query, dec_k, dec_v, qsl, 0.125)
+
+
+def test_prefill_rows_see_the_exact_sink_in_their_history():
     codec, stats = random_layer_codec(2, 64, seed=5)
     gen = torch.Generator().manual_seed(1)
-    block_size, lens, query_lens = 16, [50, 37], [30, 37]
+    block_size, lens, query_lens = 16, [50, 37], [30, 20]
     sink = _sink(codec, stats, gen)
     cache, block_table, keys, values = _paged(codec, stats, lens, block_size, gen,
                                               [(sink.keys, sink.values), None])
-    _write_all(TorchReferenceOps(), cache, block_table, keys, values, codec, sink, block_size)
+    _write_all(TorchReferenceOps(), cache, block_table, keys, values, codec,
+               ExactTokens(sink=sink), block_size)
+    assert sink_flags(cache, block_table, sink).tolist() == [True, False]
     query = torch.randn(sum(query_lens), 6, 64, generator=gen)
-    qsl = torch.tensor([0, 30, 67])
+    qsl = torch.tensor([0, 30, 50])
     chunk_k = torch.cat([k[-q:] for k, q in zip(keys, query_lens)])
     chunk_v = torch.cat([v[-q:] for v, q in zip(values, query_lens)])
-    flags = sink_flags(cache, block_table, sink)
-    assert flags.tolist() == [True, False]
-    out = prefill_over_decoded_history(query, cache, block_table, torch.tensor(lens), qsl, codec,
-                                       0.125, chunk_k, chunk_v, sink=sink, flags=flags,
-                                       query_block=8)
-    for b, sink_kv in enumerate([(sink.keys[None, None], sink.values[None, None]), (None, None)]):
-        rows = slice(int(qsl[b]), int(qsl[b + 1]))
-        reference = attention_on_slots(query[rows], cache, block_table[b:b + 1],
-                                       torch.tensor(lens[b:b + 1]), qsl[b:b + 2] - qsl[b], codec,
-                                       0.125, exact_keys=chunk_k[rows], exact_values=chunk_v[rows],
-                                       sink_keys=sink_kv[0], sink_values=sink_kv[1])
-        torch.testing.assert_close(out[rows], reference, rtol=1e-4, atol=1e-4)
+    out = kvtc_attention(TorchReferenceOps(), query, cache, block_table, torch.tensor(lens), qsl,
+                         qsl, codec, 0.125, chunk_k, chunk_v, max_seq_len=50,
+                         exact=ExactTokens(sink=sink))
+    # exact: the sink of sequence 0, each chunk's own tokens
+    exact = [[0, *range(20, 50)], list(range(17, 37))]
+    reference = _reference(query, qsl, cache, block_table, lens, codec, exact, keys, values)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_writes_near_the_sink_store_its_pattern_and_others_do_not():
@@ -155,15 +165,15 @@ def test_writes_near_the_sink_store_its_pattern_and_others_do_not():
     assert torch.equal(snapped_k[0], sink.keys) and torch.equal(snapped_v[0], sink.values)
     assert torch.equal(snapped_k[1], far_k)
     cache = torch.zeros(2, 2, 16, codec.slot_bytes, dtype=torch.uint8)
-    kvtc_write(TorchReferenceOps(), key, value, cache, torch.tensor([0, 16]), codec, sink)
+    kvtc_write(TorchReferenceOps(), key, value, cache, torch.tensor([0, 16]), codec,
+               ExactTokens(sink=sink))
     assert sink_flags(cache, torch.tensor([[0], [1]]), sink).tolist() == [True, False]
 
 
 def test_decode_rows_attend_to_the_exact_sink_through_the_lse_merge():
-    """Decode/verify rows: compressed positions 1.. from the decode op, the
-    sink merged in exactly, equal to the reference with the sink substituted;
-    a sequence whose first token is not the sink is read all compressed; a
-    one-token sequence attends to the sink alone."""
+    """Decode/verify rows: positions 1.. from the decode op, the sink merged
+    in exactly; a sequence whose first token is not the sink is read all
+    compressed; a one-token sequence attends to the sink alone."""
     codec, stats = random_layer_codec(2, 64, seed=8)
     gen = torch.Generator().manual_seed(6)
     block_size, lens, query_lens = 16, [33, 21, 1], [4, 1, 1]
@@ -171,17 +181,104 @@ def test_decode_rows_attend_to_the_exact_sink_through_the_lse_merge():
     cache, block_table, keys, values = _paged(
         codec, stats, lens, block_size, gen,
         [(sink.keys, sink.values), None, (sink.keys, sink.values)])
-    _write_all(TorchReferenceOps(), cache, block_table, keys, values, codec, sink, block_size)
+    _write_all(TorchReferenceOps(), cache, block_table, keys, values, codec,
+               ExactTokens(sink=sink), block_size)
     query = torch.randn(sum(query_lens), 4, 64, generator=gen)
     qsl = torch.tensor([0, 4, 5, 6])
     out = kvtc_attention(TorchReferenceOps(), query, cache, block_table, torch.tensor(lens), qsl,
-                         qsl, codec, 0.125, None, None, max_seq_len=33, sink=sink)
-    for b, has_sink in enumerate([True, False, True]):
-        rows = slice(int(qsl[b]), int(qsl[b + 1]))
-        sink_kv = (sink.keys[None, None], sink.values[None, None]) if has_sink else (None, None)
-        reference = attention_on_slots(query[rows], cache, block_table[b:b + 1],
-                                       torch.tensor(lens[b:b + 1]), qsl[b:b + 2] - qsl[b], codec,
-                                       0.125, sink_keys=sink_kv[0], sink_values=sink_kv[1])
-        torch.testing.assert_close(out[rows], reference, rtol=1e-4, atol=1e-5)
-    # the sink-only row is exactly the sink's value (per query head of its group)
+                         qsl, codec, 0.125, None, None, max_seq_len=33,
+                         exact=ExactTokens(sink=sink))
+    reference = _reference(query, qsl, cache, block_table, lens, codec, [[0], [], [0]], keys,
+                           values)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[5], sink.values.repeat_interleave(2, dim=0))
+
+
+def _run_steps(codec, stats, gen, block_size, schedule, window, entries, sink=None,
+               first_tokens=None):
+    """Drive the glue like vLLM does: per step, the pool's bookkeeping, each
+    sequence's new tokens written, then attention. ``schedule`` is a list of
+    steps, each {sequence: number of new tokens}. Returns the last step's
+    output, its inputs and the true K/V."""
+    total = {}
+    for step in schedule:
+        for b, n in step.items():
+            total[b] = total.get(b, 0) + n
+    lens_final = [total[b] for b in sorted(total)]
+    cache, block_table, keys, values = _paged(codec, stats, lens_final, block_size, gen,
+                                              first_tokens)
+    pool = WindowPool(window, entries, block_size, torch.device("cpu"))
+    layer = LayerWindow(entries, codec.num_kv_heads, 64, torch.float32, torch.device("cpu"))
+    done = {b: 0 for b in total}
+    ops = TorchReferenceOps()
+    for step in schedule:
+        seqs = sorted(step, key=lambda b: (step[b] > 16, b))  # decode rows first
+        new = [torch.arange(done[b], done[b] + step[b]) for b in seqs]
+        slot_mapping = torch.cat([_slots(block_table, b, p, block_size) for b, p in zip(seqs, new)])
+        lens = torch.tensor([done[b] + step[b] for b in seqs])
+        table = block_table[seqs]
+        window_step = pool.step(table, lens, slot_mapping)
+        exact = ExactTokens(sink=sink, window=layer, step=window_step)
+        k_new = torch.cat([keys[b][p] for b, p in zip(seqs, new)])
+        v_new = torch.cat([values[b][p] for b, p in zip(seqs, new)])
+        kvtc_write(ops, k_new, v_new, cache, slot_mapping, codec, exact)
+        qsl = torch.tensor([0, *torch.tensor([step[b] for b in seqs]).cumsum(0).tolist()])
+        query = torch.randn(int(qsl[-1]), 4, 64, generator=gen)
+        out = kvtc_attention(ops, query, cache, table, lens, qsl, qsl, codec, 0.125, k_new,
+                             v_new, max_seq_len=int(lens.max()), exact=exact)
+        for b in seqs:
+            done[b] += step[b]
+    return out, query, qsl, cache, table, lens.tolist(), [keys[b] for b in seqs], \
+        [values[b] for b in seqs], pool, layer, window_step
+
+
+def test_window_keeps_each_sequences_last_tokens_exact_across_steps():
+    """Prefill chunks then decode and MTP-verify steps: the last step's rows
+    attend to the last W positions exactly (written over several earlier
+    steps), to the sink exactly, and to the rest compressed."""
+    codec, stats = random_layer_codec(2, 64, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    sink = _sink(codec, stats, gen)
+    window = 24
+    schedule = [{0: 40, 1: 30}, {0: 25, 1: 1}, {0: 1, 1: 4}, {0: 3, 1: 1}, {0: 1, 1: 4, 2: 20}]
+    out, query, qsl, cache, table, lens, keys, values, *_ = _run_steps(
+        codec, stats, gen, 16, schedule, window, pool_entries(3, window), sink,
+        [(sink.keys, sink.values), None, None])
+    # rows: seq 0 (1 token), seq 1 (4 tokens, verify), seq 2 (20-token prefill, no history)
+    exact = [[0, *range(lens[0] - window, lens[0])], list(range(lens[1] - window, lens[1])),
+             list(range(lens[2]))]
+    reference = _reference(query, qsl, cache, table, lens, codec, exact, keys, values)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_window_falls_back_to_compressed_where_copies_were_evicted():
+    """A pool too small for both sequences: the one whose sub-blocks were
+    taken reads them compressed (less exact, still correct attention)."""
+    codec, stats = random_layer_codec(2, 64, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    window = 16
+    # one sequence's window needs up to 2 sub-blocks: 3 entries cannot serve both
+    schedule = [{0: 20}, {1: 20}, {0: 1}]
+    out, query, qsl, cache, table, lens, keys, values, pool, layer, step = _run_steps(
+        codec, stats, gen, 16, schedule, window, entries=3)
+    exact_rows = layer.exact_suffix(step, torch.zeros(1, dtype=torch.int64))
+    kept = int(exact_rows.sum())
+    assert 0 < kept < window  # the newest positions stayed exact, older ones were evicted
+    reference = _reference(query, qsl, cache, table, lens, codec,
+                           [list(range(lens[0] - kept, lens[0]))], keys, values)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_pool_gives_shared_sub_blocks_one_entry_and_renews_epochs_on_reuse():
+    pool = WindowPool(window=32, entries=4, block_size=16, device=torch.device("cpu"))
+    # two sequences sharing their first block (a prefix-cache hit), 32 tokens each
+    table = torch.tensor([[1, 2], [1, 3]])
+    step = pool.step(table, torch.tensor([32, 32]), torch.tensor([40, 56]))
+    # block size = sub-block size: keys are block ids; block 1 needed twice, one entry
+    assert sorted(pool.owner[:4].tolist()) == [-1, 1, 2, 3]
+    assert torch.equal(step.read_row[0, :16], step.read_row[1, :16])  # shared block, one copy
+    epochs = pool.epoch.clone()
+    # a third sequence on other blocks: entries not needed any more are recycled
+    step = pool.step(torch.tensor([[5, 6]]), torch.tensor([32]), torch.tensor([100]))
+    recycled = pool.epoch[:4] != epochs[:4]
+    assert int(recycled.sum()) == 2 and set(pool.owner[:4].tolist()) >= {5, 6}
