@@ -22,6 +22,11 @@ class KVTCMetrics:
             "bf16 bytes per token per KV head divided by the cache's bytes",
             registry=registry,
         )
+        self.exact_sink_tokens = Gauge(
+            "lnarize_kvtc_exact_sink_tokens",
+            "Leading tokens KVTC serves exactly (1: the position-0 sink), as resolved at start-up",
+            registry=registry,
+        )
         self.capacity_tokens = Gauge(
             "lnarize_kv_cache_capacity_tokens",
             "KV cache capacity in tokens, as vLLM computed it (its 'KV cache size')",
@@ -41,6 +46,7 @@ class KVTCMetrics:
             from lnarize_serve.kvtc.model_codecs import load_serving_calibration
 
             slot = load_serving_calibration(kvtc["calibration"]).slot_bytes
+            self.exact_sink_tokens.set(kvtc.get("sink_tokens") or 0)
         else:
             from vllm.utils.torch_utils import get_dtype_size
 
