@@ -146,7 +146,7 @@ class Settings(BaseSettings):
         "the constants, else 0 (logged at start-up).",
     )
     kvtc_window_tokens: int = Field(
-        0,
+        128,
         ge=0,
         le=65536,
         description="Most recent tokens of each sequence KVTC also keeps exact, in a small pool "

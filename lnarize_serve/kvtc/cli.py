@@ -21,7 +21,8 @@ def add_kvtc_commands(subparsers: Any) -> None:
         "calibrate", help="Fit a KVTC calibration for a model over the offline corpus.")
     _model_args(calibrate)
     calibrate.add_argument("--out", required=True, help="Output .safetensors file.")
-    _budget_args(calibrate, default_key=2.0, default_value=4.0)
+    # K3V3: the better 48-byte split measured on SmolLM2 (docs/kvtc-eval.md)
+    _budget_args(calibrate, default_key=3.0, default_value=3.0)
     _fit_args(calibrate)
     calibrate.set_defaults(run=run_calibrate)
 

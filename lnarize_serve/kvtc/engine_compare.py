@@ -49,11 +49,22 @@ class EngineRun:
 
 
 @contextmanager
-def kvtc_environment(calibration_path: str | None, sink_tokens: int = 1, window_tokens: int = 0):
-    """Export (or clear) the KVTC settings for the engine built inside."""
+def kvtc_environment(calibration_path: str | None, sink_tokens: int | None = None,
+                     window_tokens: int | None = None):
+    """Export (or clear) the KVTC settings for the engine built inside; unset
+    sink/window settings mean what they mean to the server."""
     saved = {k: os.environ.get(k) for k in (ENABLE_VAR, CALIBRATION_VAR, SINK_VAR, WINDOW_VAR)}
     try:
         if calibration_path:
+            if sink_tokens is None:  # what the server does with the setting unset
+                from lnarize_serve.kvtc.calibration import load_calibration
+                from lnarize_serve.kvtc.serving_setup import resolve_sink_tokens
+
+                sink_tokens = resolve_sink_tokens(None, load_calibration(calibration_path))
+            if window_tokens is None:
+                from lnarize_serve.settings import Settings
+
+                window_tokens = Settings.model_fields["kvtc_window_tokens"].default
             KVTCRuntimeConfig(calibration_path, sink_tokens, window_tokens).export()
         else:
             os.environ[ENABLE_VAR] = "0"
@@ -66,8 +77,8 @@ def kvtc_environment(calibration_path: str | None, sink_tokens: int = 1, window_
                 os.environ[key] = value
 
 
-def build_llm(model: str, calibration_path: str | None, sink_tokens: int = 1,
-              window_tokens: int = 0, **engine_kwargs: Any):
+def build_llm(model: str, calibration_path: str | None, sink_tokens: int | None = None,
+              window_tokens: int | None = None, **engine_kwargs: Any):
     from vllm import LLM
 
     # stats on: speculative-decoding counters come from vLLM's stat loggers

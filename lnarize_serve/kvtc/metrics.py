@@ -27,6 +27,11 @@ class KVTCMetrics:
             "Leading tokens KVTC serves exactly (1: the position-0 sink), as resolved at start-up",
             registry=registry,
         )
+        self.window_tokens = Gauge(
+            "lnarize_kvtc_window_tokens",
+            "Most recent tokens of each sequence KVTC keeps exact beside the compressed cache",
+            registry=registry,
+        )
         self.capacity_tokens = Gauge(
             "lnarize_kv_cache_capacity_tokens",
             "KV cache capacity in tokens, as vLLM computed it (its 'KV cache size')",
@@ -47,6 +52,7 @@ class KVTCMetrics:
 
             slot = load_serving_calibration(kvtc["calibration"]).slot_bytes
             self.exact_sink_tokens.set(kvtc.get("sink_tokens") or 0)
+            self.window_tokens.set(kvtc.get("window_tokens") or 0)
         else:
             from vllm.utils.torch_utils import get_dtype_size
 

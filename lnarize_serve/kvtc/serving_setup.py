@@ -211,10 +211,26 @@ def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngi
         **runtime.as_additional_config(),
     }
     logger.info(
-        "KVTC on: %s, %d B per token per KV head (%.2fx smaller than bf16), layers %s",
+        "KVTC on: %s, %d B per token per KV head (%.2fx smaller than bf16), layers %s; "
+        "exact: sink %d, window %d (pool beside the cache: %.1f MiB)",
         prepared,
         calibration.slot_bytes,
         4 * calibration.head_dim / calibration.slot_bytes,
         calibration.layer_indices,
+        sink_tokens,
+        settings.kvtc_window_tokens,
+        window_pool_bytes(settings.kvtc_window_tokens, settings.max_num_seqs, calibration) / 2**20,
     )
     return runtime
+
+
+def window_pool_bytes(window_tokens: int, max_num_seqs: int, calibration: Calibration) -> int:
+    """Memory of the exact-window pools (all compressed layers, 16-bit K/V),
+    which vLLM's KV budget does not include."""
+    if not window_tokens:
+        return 0
+    from lnarize_serve.kvtc.window import SUB_BLOCK, pool_entries
+
+    rows = pool_entries(max_num_seqs, window_tokens) * SUB_BLOCK + 1
+    per_layer = rows * 2 * calibration.num_kv_heads * calibration.head_dim * 2
+    return per_layer * len(calibration.layer_indices)

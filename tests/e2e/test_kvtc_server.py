@@ -39,6 +39,7 @@ def test_kvtc_server_answers_from_a_5x_larger_compressed_cache(server):
     assert server.metric("lnarize_kvtc_enabled") == 1
     # LNARIZE_KVTC_SINK_TOKENS unset and the calibration has the constants
     assert server.metric("lnarize_kvtc_exact_sink_tokens") == 1
+    assert server.metric("lnarize_kvtc_window_tokens") == 128  # the default
     assert server.metric("lnarize_kvtc_bytes_per_token_per_kv_head") == 48
     assert server.metric("lnarize_kvtc_compression_ratio") == pytest.approx(256 / 48)
     smol = plan.ModelGeometry("SmolLM2", num_attention_layers=30, num_kv_heads=3, head_dim=64)

@@ -80,3 +80,17 @@ def test_sink_setting_is_checked_against_the_calibration():
                             sink_keys=constants, sink_values=constants, sink_token_id=1)
     assert resolve_sink_tokens(None, with_sink) == 1
     assert resolve_sink_tokens(0, with_sink) == 0
+
+
+def test_window_pool_memory_is_reported_for_the_start_up_log():
+    from lnarize_serve.kvtc.serving_setup import window_pool_bytes
+
+    # Qwen3.6-27B's shape: 16 full-attention layers, 4 KV heads of 256
+    codecs = {i: None for i in range(3, 64, 4)}
+    qwen = Calibration.__new__(Calibration)
+    object.__setattr__(qwen, "num_kv_heads", 4)
+    object.__setattr__(qwen, "head_dim", 256)
+    object.__setattr__(qwen, "layers", codecs)
+    rows = 8 * (128 // 16 + 2) * 16 + 1  # entries x 16 slots + the spare row
+    assert window_pool_bytes(128, 8, qwen) == rows * 2 * 4 * 256 * 2 * 16  # about 84 MB
+    assert window_pool_bytes(0, 8, qwen) == 0
