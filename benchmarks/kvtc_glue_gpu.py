@@ -30,7 +30,12 @@ from lnarize_serve.kvtc.kvtc_ops import (  # noqa: E402
     kvtc_write,
 )
 from lnarize_serve.kvtc.sink import SinkConstants, sink_flags  # noqa: E402
-from lnarize_serve.kvtc.window import LayerWindow, WindowPool, pool_entries  # noqa: E402
+from lnarize_serve.kvtc.window import (  # noqa: E402
+    LayerWindow,
+    WindowPool,
+    pool_entries,
+    pool_window,
+)
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 24, 4, 256
 SCALE = HEAD_DIM ** -0.5
@@ -68,7 +73,8 @@ def build_cache(codec, stats, ops, lens, block_size, sink, sink_first, gen, devi
     exact = ExactTokens(sink=sink)
     if window:
         entries = pool_entries(len(lens), window)
-        pool = WindowPool(window, entries, block_size, torch.device(device))
+        pool = WindowPool(pool_window(window), entries, block_size, torch.device(device))
+        exact.window_tokens = window
         exact.step = pool.step(table, torch.tensor(lens, device=device), torch.cat(slots))
         exact.window = LayerWindow(entries, KV_HEADS, HEAD_DIM, torch.bfloat16,
                                    torch.device(device))

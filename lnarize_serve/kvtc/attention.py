@@ -45,7 +45,7 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
                        exact_values: torch.Tensor | None = None,
                        sink_keys: torch.Tensor | None = None,
                        sink_values: torch.Tensor | None = None,
-                       compressed_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       compressed_range: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                        return_lse: bool = False):
     """Attention of a batch of query tokens over a KVTC-compressed paged cache.
 
@@ -61,9 +61,9 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
     If ``sink_keys``/``sink_values`` [B, S, H, d] are given, positions 0..S-1
     of sequence b use those exact vectors (the sink tokens the cache keeps
     uncompressed, see docs/kvtc-layout.md).
-    ``compressed_range`` (lo, hi) [B]: of the compressed positions only
-    lo[b] <= t < hi[b] are attended to (the caller merges the others in
-    through the LSE). Returns fp32 [T, Hq, d], plus the natural-log LSE
+    ``compressed_range`` (lo [B], hi [B], window): of the compressed positions
+    a query at position q attends only to lo[b] <= t < max(q - window + 1,
+    hi[b]) (the caller merges the others in through the LSE). Returns fp32 [T, Hq, d], plus the natural-log LSE
     [T, Hq] when ``return_lse``; a row that attends to nothing gets LSE -inf
     (and output 0).
     """
@@ -112,10 +112,12 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
         scores = scores * softmax_scale
         visible = _causal_mask(num_q, seq_len, query.device)
         if compressed_range is not None:
+            lo, hi, window = int(compressed_range[0][b]), int(compressed_range[1][b]), compressed_range[2]
             positions = torch.arange(seq_len, device=query.device)
-            in_range = (positions >= int(compressed_range[0][b])) & (
-                positions < int(compressed_range[1][b]))
-            visible = visible & (exact | in_range)[None, :]
+            query_pos = seq_len - num_q + torch.arange(num_q, device=query.device)
+            row_end = torch.clamp(query_pos - window + 1, min=hi)  # [n]
+            in_range = (positions[None, :] >= lo) & (positions[None, :] < row_end[:, None])
+            visible = visible & (exact[None, :] | in_range)
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [n, H, g]
         probs = torch.exp(scores - row_lse[..., None]).nan_to_num(0.0)

@@ -169,6 +169,7 @@ class ExactTokens:
     sink: SinkConstants | None = None
     window: LayerWindow | None = None
     step: WindowStep | None = None
+    window_tokens: int = 0  # W: each query row reads its last W positions exactly
 
     @property
     def has_window(self) -> bool:
@@ -225,9 +226,11 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
         lens = lens_all[:num_decodes]
         compressed_range = None
         if flags is not None or window is not None:
-            # compressed positions: after the sink, before the window's exact suffix
+            # compressed positions: after the sink, before each row's own window
+            # (its last W positions, within the exact suffix of the pool window)
             hi = lens if window is None else lens - window[:num_decodes].sum(dim=1).to(lens.dtype)
-            compressed_range = (first[:num_decodes].to(lens.dtype), hi)
+            compressed_range = (first[:num_decodes].to(lens.dtype), hi,
+                                exact.window_tokens if window is not None else 0)
         decoded, lse = ops.decode(
             query[:num_decode_tokens], cache, block_table[:num_decodes], lens,
             query_start_loc[: num_decodes + 1], codec, softmax_scale,
@@ -246,7 +249,9 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
                 k_hist[0], v_hist[0] = sink.keys.float(), sink.values.float()
             if window is not None:
                 positions = exact.step.positions[seq]
-                use = window[seq] & (positions < k_hist.shape[0])
+                history = k_hist.shape[0]
+                use = window[seq] & (positions < history) & (
+                    positions >= history - exact.window_tokens)
                 rows = exact.step.read_row[seq][use]
                 k_hist[positions[use]] = exact.window.keys[rows].float()
                 v_hist[positions[use]] = exact.window.values[rows].float()
@@ -284,7 +289,10 @@ def _merge_decode_exact(decoded, lse, query, exact: ExactTokens, flags, window, 
         rows = exact.step.read_row[:num_decodes][row_seq]  # [R, W]
         keys.append(exact.window.keys[rows])
         values.append(exact.window.values[rows])
-        visible = exact.step.positions[:num_decodes][row_seq] <= row_position[:, None]
-        masks.append(window[:num_decodes][row_seq] & visible)
+        positions = exact.step.positions[:num_decodes][row_seq]
+        # each row's own window: its last W positions, itself included
+        own = (positions <= row_position[:, None]) & (
+            positions > row_position[:, None] - exact.window_tokens)
+        masks.append(window[:num_decodes][row_seq] & own)
     return merge_exact(decoded, lse, query, torch.cat(keys, 1), torch.cat(values, 1),
                        torch.cat(masks, 1), softmax_scale)

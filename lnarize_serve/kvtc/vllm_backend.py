@@ -56,7 +56,13 @@ from lnarize_serve.kvtc.runtime_config import (
     runtime_config_from_environ,
 )
 from lnarize_serve.kvtc.sink import SinkConstants
-from lnarize_serve.kvtc.window import LayerWindow, WindowPool, WindowStep, pool_entries
+from lnarize_serve.kvtc.window import (
+    LayerWindow,
+    WindowPool,
+    WindowStep,
+    pool_entries,
+    pool_window,
+)
 
 
 def _runtime() -> KVTCRuntimeConfig:
@@ -168,7 +174,8 @@ class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
         self.window_pool = None
         if window:
             entries = pool_entries(vllm_config.scheduler_config.max_num_seqs, window)
-            self.window_pool = WindowPool(window, entries, kv_cache_spec.block_size, device)
+            self.window_pool = WindowPool(pool_window(window), entries,
+                                          kv_cache_spec.block_size, device)
 
     def build(
         self,
@@ -235,6 +242,7 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         runtime = _runtime()
         self.calibration = load_serving_calibration(runtime.calibration_path)
         self.exact_sink = runtime.sink_tokens > 0
+        self.window_tokens = runtime.window_tokens
         if self.exact_sink and not self.calibration.sink_keys:
             raise CalibrationError(
                 "LNARIZE_KVTC_SINK_TOKENS=1 needs a calibration with position-0 sink "
@@ -300,7 +308,7 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
                 window = LayerWindow(step.entries, self.num_kv_heads, self.head_size, dtype,
                                      device, step.sub_block)
                 self._layer_windows[layer.layer_name] = window
-        return ExactTokens(self._sink_for(layer, dtype, device), window, step)
+        return ExactTokens(self._sink_for(layer, dtype, device), window, step, self.window_tokens)
 
     def do_kv_cache_update(
         self,

@@ -1,12 +1,12 @@
-"""The recent-token window: each sequence's last W positions served exactly.
+"""The recent-token window: each query row's last W positions served exactly.
 
 vLLM 0.32 hands an attention backend block tables, not request identities, so
 exact copies are kept per *cache location*: a small pool of exact
 sub-blocks (S consecutive slots of one block), keyed by ``slot // S``.
 
 - Once per step, :class:`WindowPool` (owned by the metadata builder) gives
-  every sub-block holding one of a running sequence's last W positions a
-  pool entry, evicting the least recently needed entries no sequence needs
+  every sub-block holding one of a running sequence's last W + 15 positions
+  (the oldest verify row's window too) a pool entry, evicting the least recently needed entries no sequence needs
   now. A reassigned entry gets a new epoch, so exact copies of its former
   sub-block stop counting.
 - Each layer writes the step's K/V into its own pool rows (next to the
@@ -20,7 +20,7 @@ sync, no request state): preemption, prefix caching and chunked prefill
 need no hooks. A sequence whose window sub-blocks lost their entries (or a
 prefix-cache hit on blocks whose copies were evicted) reads those positions
 compressed: less exact, never wrong. Entries: ``max_num_seqs *
-(ceil(W / S) + 2)``, enough for every sequence's window at once.
+(ceil((W + 15) / S) + 2)``, enough for every sequence's window at once.
 """
 
 from __future__ import annotations
@@ -32,8 +32,18 @@ import torch
 SUB_BLOCK = 16  # slots per pool entry; vLLM block sizes here are multiples of 16
 
 
+# Rows of one step (MTP verification, short prompts) reach back this much
+# further than the newest row: each row's own window must be in the pool.
+MAX_ROW_SPREAD = 15
+
+
+def pool_window(window_tokens: int) -> int:
+    """Positions the pool keeps per sequence for a window of W per query row."""
+    return window_tokens + MAX_ROW_SPREAD
+
+
 def pool_entries(max_num_seqs: int, window_tokens: int, sub_block: int = SUB_BLOCK) -> int:
-    return max_num_seqs * (-(-window_tokens // sub_block) + 2)
+    return max_num_seqs * (-(-pool_window(window_tokens) // sub_block) + 2)
 
 
 @dataclass

@@ -192,7 +192,7 @@ def _kvtc_split_kernel(
         block_table_ptr, block_table_stride, seq_lens_ptr, query_start_loc_ptr, block_size,
         qs_ptr, qconst_ptr, k_shift_ptr, k_mask_ptr, v_shift_ptr, v_mask_ptr,
         part_max_ptr, part_sum_ptr, part_acc_ptr, chunk_len, num_splits,
-        range_lo_ptr, range_hi_ptr, HAS_RANGE: tl.constexpr,
+        range_lo_ptr, range_hi_ptr, window, HAS_RANGE: tl.constexpr,
         GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
         K_NW: tl.constexpr, K_NWP: tl.constexpr, K_KP: tl.constexpr, K_STRADDLES: tl.constexpr,
         V_WORD0: tl.constexpr, V_NW: tl.constexpr, V_NWP: tl.constexpr, V_KP: tl.constexpr,
@@ -219,9 +219,12 @@ def _kvtc_split_kernel(
         return  # the combine kernel only reads splits that hold tokens
     end = tl.minimum(start + chunk_len, seq_len)
     first = 0
+    hi = seq_len
     if HAS_RANGE:
         first = tl.load(range_lo_ptr + seq)
-        end = tl.minimum(end, tl.load(range_hi_ptr + seq))
+        hi = tl.load(range_hi_ptr + seq)
+        # the newest row reads furthest: up to max(seq_len - window, hi)
+        end = tl.minimum(end, tl.maximum(seq_len - window, hi))
     num_q = tl.load(query_start_loc_ptr + seq + 1) - tl.load(query_start_loc_ptr + seq)
 
     KC: tl.constexpr = K_NWP * K_KP
@@ -232,6 +235,9 @@ def _kvtc_split_kernel(
     vcols = tl.arange(0, VC)
     # the last position each row may see (rows past num_q compute harmless values)
     last_visible = seq_len - num_q + rows // GROUP
+    if HAS_RANGE:
+        # each row's compressed positions end where its own window begins
+        last_visible = tl.minimum(last_visible, tl.maximum(last_visible - window + 1, hi) - 1)
     pair = (seq * num_kv_heads + head).to(tl.int64)
     qconst = tl.load(qconst_ptr + pair * ROWS + rows)
     if VARIANT == 0:
@@ -417,7 +423,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
                      tables: LayerKernelTables, softmax_scale: float, max_query_len: int,
                      max_seq_len: int, num_splits: int | None = None,
                      out: torch.Tensor | None = None, return_lse: bool = False,
-                     compressed_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     compressed_range: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                      block_t: int = 128, num_warps: int = 4, num_stages: int = 2,
                      variant: int = 1, tables_in_loop: bool = True, unpack: int | None = None,
                      compiled: list | None = None):
@@ -430,10 +436,12 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     int32. ``max_seq_len`` bounds seq_lens (a static bound keeps the launch
     CUDA-graph safe). Returns out [T, Hq, d] (query's dtype unless ``out``),
     plus the natural-log LSE [T, Hq] fp32 when ``return_lse``.
-    ``compressed_range`` (lo, hi), int32 [B] each: read only positions
-    lo[b] <= t < hi[b] of sequence b (the caller attends to the others from
-    exact vectors and merges through the LSE; a row that reads nothing gets
-    LSE -inf and a finite output of no meaning). ``variant``
+    ``compressed_range`` (lo, hi, window), int32 [B] each and an int: a
+    query row of sequence b at position q reads only positions
+    lo[b] <= t < max(q - window + 1, hi[b]) (the caller attends to the others
+    from exact vectors and merges through the LSE: the sink before lo, each
+    row's last ``window`` positions or the suffix from hi; a row that reads
+    nothing gets LSE -inf and a finite output of no meaning). ``variant``
     selects the split kernel's formulation (see _kvtc_split_kernel);
     ``unpack`` its code decoding (None: the unit-fp16 decode, UNPACK 1, where
     it applies, i.e. variants 1-2 without straddling codes; else the original
@@ -503,7 +511,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
         block_table, block_table.stride(0), seq_lens, query_start_loc, cache.shape[2],
         qs, qconst, k_shift, k_mask, v_shift, v_mask,
         part_max, part_sum, part_acc, chunk, num_splits,
-        *(compressed_range if compressed_range is not None else (seq_lens, seq_lens)),
+        *(compressed_range if compressed_range is not None else (seq_lens, seq_lens, 0)),
         HAS_RANGE=compressed_range is not None,
         GROUP=group, ROWS=rows, BLOCK_T=block_t,
         K_NW=k.num_words, K_NWP=k.words_padded, K_KP=k.kmax_padded, K_STRADDLES=k.straddles,

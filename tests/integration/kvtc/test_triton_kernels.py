@@ -178,9 +178,10 @@ def test_bad_inputs_are_refused_with_the_reason(kernels, kernel_device):
 
 
 def test_decode_over_a_range_of_positions_matches_the_reference(kernels, kernel_device):
-    """compressed_range: sequence 0 skips its sink position, 1 reads all, 2
-    (one token, its sink) reads nothing: LSE -inf and a finite output, which
-    the glue's merge weighs 0."""
+    """compressed_range: sequence 0 skips its sink position and its 4 verify
+    rows each stop where their own 8-token window begins (not before the
+    12-position exact suffix), 1 reads all, 2 (one token, its sink) reads
+    nothing: LSE -inf and a finite output, which the glue's merge weighs 0."""
     gen = torch.Generator().manual_seed(21)
     layer, stats = _codec("word-packed", 2, 64, seed=9)
     tables = kernels.prepare_layer_tables(layer.to(kernel_device))
@@ -194,12 +195,13 @@ def test_decode_over_a_range_of_positions_matches_the_reference(kernels, kernel_
     query = torch.randn(6, 6, 64, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     lo = torch.tensor([1, 0, 1], dtype=torch.int32)
+    hi = lens - torch.tensor([12, 0, 0], dtype=torch.int32)
     out, lse = kernels.decode_attention(
         query.to(kernel_device), cache, table, lens.to(kernel_device), qsl.to(kernel_device),
         tables, 0.125, 4, 45, num_splits=3, return_lse=True, block_t=16,
-        compressed_range=(lo.to(kernel_device), lens.to(kernel_device)))
+        compressed_range=(lo.to(kernel_device), hi.to(kernel_device), 8))
     ref, ref_lse = attention_on_slots(query, cache.cpu(), table.cpu(), lens, qsl, layer, 0.125,
-                                      compressed_range=(lo, lens), return_lse=True)
+                                      compressed_range=(lo, hi, 8), return_lse=True)
     assert torch.isfinite(out[5]).all()
     assert torch.isneginf(lse[5]).all() and torch.isneginf(ref_lse[5]).all()
     err = float((out[:5].cpu() - ref[:5]).norm() / ref[:5].norm())

@@ -21,7 +21,7 @@ from lnarize_serve.kvtc.runtime_config import (
     runtime_config_from_environ,
 )
 from lnarize_serve.kvtc.sink import SinkConstants, sink_flags, snap_to_sink
-from lnarize_serve.kvtc.window import LayerWindow, WindowPool, pool_entries
+from lnarize_serve.kvtc.window import LayerWindow, WindowPool, pool_entries, pool_window
 
 
 def test_layer_names_map_to_calibrated_layers():
@@ -128,6 +128,24 @@ def _reference(query, qsl, cache, block_table, lens, codec, exact_positions, key
     return dense_attention(query, dec_k, dec_v, qsl, 0.125)
 
 
+def _reference_per_row(query, qsl, cache, block_table, lens, codec, exact_for_row, keys,
+                       values):
+    """Like _reference, but each query row has its own exact positions:
+    ``exact_for_row(b, q)`` for the row of sequence b at position q."""
+    dec_k, dec_v = decoded_sequences(cache, block_table, torch.tensor(lens), codec)
+    out = torch.empty(query.shape)
+    for b, n in enumerate(lens):
+        start, end = int(qsl[b]), int(qsl[b + 1])
+        for row in range(start, end):
+            q = n - (end - start) + (row - start)
+            k, v = dec_k[b][: q + 1].clone(), dec_v[b][: q + 1].clone()
+            for p in exact_for_row(b, q):
+                k[p], v[p] = keys[b][p], values[b][p]
+            out[row] = dense_attention(query[row:row + 1], [k], [v], torch.tensor([0, 1]),
+                                       0.125)[0]
+    return out
+
+
 def test_prefill_rows_see_the_exact_sink_in_their_history():
     codec, stats = random_layer_codec(2, 64, seed=5)
     gen = torch.Generator().manual_seed(1)
@@ -207,7 +225,7 @@ def _run_steps(codec, stats, gen, block_size, schedule, window, entries, sink=No
     lens_final = [total[b] for b in sorted(total)]
     cache, block_table, keys, values = _paged(codec, stats, lens_final, block_size, gen,
                                               first_tokens)
-    pool = WindowPool(window, entries, block_size, torch.device("cpu"))
+    pool = WindowPool(pool_window(window), entries, block_size, torch.device("cpu"))
     layer = LayerWindow(entries, codec.num_kv_heads, 64, torch.float32, torch.device("cpu"))
     done = {b: 0 for b in total}
     ops = TorchReferenceOps()
@@ -218,7 +236,7 @@ def _run_steps(codec, stats, gen, block_size, schedule, window, entries, sink=No
         lens = torch.tensor([done[b] + step[b] for b in seqs])
         table = block_table[seqs]
         window_step = pool.step(table, lens, slot_mapping)
-        exact = ExactTokens(sink=sink, window=layer, step=window_step)
+        exact = ExactTokens(sink=sink, window=layer, step=window_step, window_tokens=window)
         k_new = torch.cat([keys[b][p] for b, p in zip(seqs, new)])
         v_new = torch.cat([values[b][p] for b, p in zip(seqs, new)])
         kvtc_write(ops, k_new, v_new, cache, slot_mapping, codec, exact)
@@ -244,10 +262,17 @@ def test_window_keeps_each_sequences_last_tokens_exact_across_steps():
     out, query, qsl, cache, table, lens, keys, values, *_ = _run_steps(
         codec, stats, gen, 16, schedule, window, pool_entries(3, window), sink,
         [(sink.keys, sink.values), None, None])
-    # rows: seq 0 (1 token), seq 1 (4 tokens, verify), seq 2 (20-token prefill, no history)
-    exact = [[0, *range(lens[0] - window, lens[0])], list(range(lens[1] - window, lens[1])),
-             list(range(lens[2]))]
-    reference = _reference(query, qsl, cache, table, lens, codec, exact, keys, values)
+    # rows: seq 0 (1 token), seq 1 (4 tokens, verify: each row its own last W
+    # positions, so the verify rows match plain decoding), seq 2 (20-token
+    # prefill, no history: all exact)
+    def exact_for_row(b, q):
+        if b == 2:
+            return range(q + 1)
+        own = range(max(q - window + 1, 0), q + 1)
+        return [0, *own] if b == 0 else own
+
+    reference = _reference_per_row(query, qsl, cache, table, lens, codec, exact_for_row, keys,
+                                   values)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
 
 
