@@ -4,8 +4,8 @@ full-attention layer + MTP head, random weights) on the CPU engine.
 Only the full-attention layer (and the MTP head's attention, which reuses the
 last target layer's calibration) is compressed; the Gated DeltaNet layers keep
 vLLM's own state. MTP n=3 verification (4 query tokens per sequence per step)
-must give exactly the tokens plain decoding gives from the same compressed
-cache: the target model verifies every draft. Prefix caching is off: on CPU,
+must give the tokens plain decoding gives from the same compressed cache (the
+target model verifies every draft), up to near-ties within bf16 noise. Prefix caching is off: on CPU,
 MTP + prefix caching on a hybrid model hits a Triton-only vLLM kernel.
 """
 
@@ -39,11 +39,22 @@ def _counter(metrics, stem: str) -> float:
     return float(sum(values))
 
 
+def _near_tie_divergence(plain_tokens, plain_logprobs, spec_tokens) -> float | None:
+    """None if the sequences agree; else how far (nats) below plain's choice
+    the speculative run's token was, under plain's own distribution, at the
+    first divergence (inf if it was not in plain's top 2)."""
+    for i, (a, b) in enumerate(zip(plain_tokens, spec_tokens)):
+        if a != b:
+            top = plain_logprobs[i]
+            return top[a].logprob - top[b].logprob if b in top else float("inf")
+    return None
+
+
 def test_mtp_verification_over_the_compressed_cache(hybrid):
     model_dir, calibration, prompts = hybrid
     plain, _ = ec.build_llm(model_dir, calibration, **ENGINE)
     try:
-        expected, _, _ = ec.greedy(plain, prompts, 24)
+        expected, _, plain_results = ec.greedy(plain, prompts, 24, logprobs=2)
     finally:
         ec.release(plain)
     spec, _ = ec.build_llm(model_dir, calibration, speculative_config=MTP, **ENGINE)
@@ -52,13 +63,15 @@ def test_mtp_verification_over_the_compressed_cache(hybrid):
         metrics = spec.get_metrics()
     finally:
         ec.release(spec)
-    # Verification (4 query rows per step) and plain decoding (1 row) read the
-    # same compressed cache; they differ only in float summation order, which
-    # can flip a near-tie of this random model's flat logits late in a
-    # sequence (seen once at token 21 of 24). Measured: 68 of 72 tokens equal.
-    for with_mtp, without in zip(got, expected):
-        assert with_mtp[:16] == without[:16]
-    assert ec.agreement(expected, got)["token_agreement"] >= 0.9
+    # Verification (4 query rows per step, each with its own exact window)
+    # and plain decoding (1 row) read the same compressed cache and differ only
+    # in bf16 rounding of differently shaped batches: measured up to 0.004
+    # nats on this random model's logprobs, with the window on or off. Its
+    # logits are flat (every token near log(1/250)), so near-ties within that
+    # noise occur every few tokens and may flip; any other divergence is a bug.
+    for with_mtp, without, result in zip(got, expected, plain_results):
+        gap = _near_tie_divergence(without, result.outputs[0].logprobs, with_mtp)
+        assert gap is None or gap < 0.01, (gap, with_mtp, without)
     drafts = _counter(metrics, "vllm:spec_decode_num_drafts")
     assert drafts > 0
     assert 2 * drafts < _counter(metrics, "vllm:spec_decode_num_draft_tokens") <= 3 * drafts

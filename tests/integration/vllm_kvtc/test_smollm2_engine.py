@@ -80,5 +80,7 @@ def test_chunked_prefill_and_decode_track_the_uncompressed_engine(
     # Measured 0.40 here (K2V4, 6x256-token calibration, no exact sink or
     # window tokens in this build): far above chance (vocabulary 49,152), far
     # below fp8. The guard catches a broken path, not a quality target.
-    assert ec.agreement(tops, kvtc_out)["token_agreement"] >= 0.25
+    top1 = ec.agreement(tops, kvtc_out)["token_agreement"]
+    print(f"top-1 agreement {top1:.3f}, greedy {ec.agreement(bf16_out, kvtc_out)}")
+    assert top1 >= 0.25
     assert len(bf16_out) == len(kvtc_out) == len(long_prompts)
