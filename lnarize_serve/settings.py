@@ -150,7 +150,7 @@ class Settings(BaseSettings):
         ge=0,
         le=65536,
         description="Most recent tokens of each sequence KVTC also keeps exact, in a small pool "
-        "outside vLLM's cache (max_num_seqs x (window + 32) tokens per layer); 0 = none.",
+        "outside vLLM's cache (max_num_seqs x (window + 48) tokens per layer); 0 = none.",
     )
 
     @classmethod

@@ -91,6 +91,7 @@ def test_window_pool_memory_is_reported_for_the_start_up_log():
     object.__setattr__(qwen, "num_kv_heads", 4)
     object.__setattr__(qwen, "head_dim", 256)
     object.__setattr__(qwen, "layers", codecs)
-    rows = 8 * (128 // 16 + 2) * 16 + 1  # entries x 16 slots + the spare row
-    assert window_pool_bytes(128, 8, qwen) == rows * 2 * 4 * 256 * 2 * 16  # about 84 MB
+    # entries: per sequence ceil((128 + 15) / 16) + 2 = 11 sub-blocks of 16 slots; + a spare row
+    rows = 8 * 11 * 16 + 1
+    assert window_pool_bytes(128, 8, qwen) == rows * 2 * 4 * 256 * 2 * 16  # about 92 MB
     assert window_pool_bytes(0, 8, qwen) == 0
