@@ -110,10 +110,15 @@ def test_ttft_and_gaps_are_measured_from_the_first_text_chunk(fake_server):
     assert result.ok, result.error
     assert result.usage_reported and result.completion_tokens == 5 and result.prompt_tokens == 42
     assert len(result.chunk_times) == 5  # the empty role chunk is not a token
-    # Scheduling jitter on a busy 2-core box only ever adds delay.
+    # Token i leaves the server FIRST_TOKEN_DELAY + i * TOKEN_GAP after the
+    # request at the earliest; scheduling jitter on a busy 2-core box only adds
+    # delay to a receipt (a late chunk can shorten the gap after it, so gaps
+    # are not bounded below one by one; the times since the start are).
     assert FIRST_TOKEN_DELAY <= result.ttft < FIRST_TOKEN_DELAY + 0.15
-    gaps = [b - a for a, b in zip(result.chunk_times, result.chunk_times[1:])]
-    assert all(TOKEN_GAP - 0.01 <= gap < TOKEN_GAP + 0.1 for gap in gaps), gaps
+    since_start = [t - result.start for t in result.chunk_times]
+    for i, elapsed in enumerate(since_start):
+        earliest = FIRST_TOKEN_DELAY + i * TOKEN_GAP
+        assert earliest - 0.005 <= elapsed < earliest + 0.25, (i, since_start)
 
 
 def test_an_error_event_mid_stream_fails_the_request(fake_server):
