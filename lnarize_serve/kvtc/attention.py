@@ -63,9 +63,9 @@ def attention_on_slots(query: torch.Tensor, cache: torch.Tensor, block_table: to
     uncompressed, see docs/kvtc-layout.md).
     ``compressed_range`` (lo [B], hi [B], window): of the compressed positions
     a query at position q attends only to lo[b] <= t < max(q - window + 1,
-    hi[b]) (the caller merges the others in through the LSE). Returns fp32 [T, Hq, d], plus the natural-log LSE
-    [T, Hq] when ``return_lse``; a row that attends to nothing gets LSE -inf
-    (and output 0).
+    hi[b]) (the caller merges the others in through the LSE).
+    Returns fp32 [T, Hq, d], plus the natural-log LSE [T, Hq] when
+    ``return_lse``; a row that attends to nothing gets LSE -inf (and output 0).
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = layer.num_kv_heads

@@ -8,7 +8,8 @@ it calls an object with this interface:
   ``DECODE_MAX_QUERY`` tokens per sequence) over a range of each sequence's
   compressed positions; the new tokens were written first, so they are read
   back compressed like the rest. Returns the output and its LSE, so the glue
-  can merge in tokens it serves exactly (the sink, :mod:`sink`).
+  can merge in tokens it serves exactly (the sink, :mod:`sink`; the window,
+  :mod:`window`).
 
 CPU: the codec's torch reference. CUDA: the Triton kernels. Prefill chunks
 (longer rows) take one path on both: each sequence's compressed history is
@@ -43,7 +44,7 @@ class KVTCOps(Protocol):
     def decode(self, query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, codec: LayerCodec,
                softmax_scale: float, max_query_len: int, max_seq_len: int,
-               compressed_range: tuple[torch.Tensor, torch.Tensor] | None
+               compressed_range: tuple[torch.Tensor, torch.Tensor, int] | None
                ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -218,8 +219,10 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
     lens_all = seq_lens[:num_reqs]
     sink = exact.sink
     flags = sink_flags(cache, block_table[:num_reqs], sink) if sink is not None else None
-    first = flags.to(torch.int64) if flags is not None else torch.zeros_like(lens_all, dtype=torch.int64)
-    window = exact.window.exact_suffix(exact.step, first) if exact.has_window else None
+    window = None
+    if exact.has_window:
+        first = flags.to(torch.int64) if flags is not None else torch.zeros_like(lens_all)
+        window = exact.window.exact_suffix(exact.step, first)
     out = torch.empty(num_tokens, query.shape[1], query.shape[2], dtype=torch.float32,
                       device=device)
     if num_decodes:
@@ -229,7 +232,8 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
             # compressed positions: after the sink, before each row's own window
             # (its last W positions, within the exact suffix of the pool window)
             hi = lens if window is None else lens - window[:num_decodes].sum(dim=1).to(lens.dtype)
-            compressed_range = (first[:num_decodes].to(lens.dtype), hi,
+            lo = flags[:num_decodes].to(lens.dtype) if flags is not None else torch.zeros_like(lens)
+            compressed_range = (lo, hi,
                                 exact.window_tokens if window is not None else 0)
         decoded, lse = ops.decode(
             query[:num_decode_tokens], cache, block_table[:num_decodes], lens,
@@ -246,7 +250,7 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
         def history_fixes(b: int, k_hist: torch.Tensor, v_hist: torch.Tensor) -> None:
             seq = num_decodes + b
             if flags is not None and bool(flags[seq]):
-                k_hist[0], v_hist[0] = sink.keys.float(), sink.values.float()
+                k_hist[0], v_hist[0] = sink.keys_f32, sink.values_f32
             if window is not None:
                 positions = exact.step.positions[seq]
                 history = k_hist.shape[0]

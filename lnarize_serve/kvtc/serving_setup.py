@@ -229,8 +229,8 @@ def window_pool_bytes(window_tokens: int, max_num_seqs: int, calibration: Calibr
     which vLLM's KV budget does not include."""
     if not window_tokens:
         return 0
-    from lnarize_serve.kvtc.window import SUB_BLOCK, pool_entries
+    from lnarize_serve.kvtc.window import pool_entries, pool_rows
 
-    rows = pool_entries(max_num_seqs, window_tokens) * SUB_BLOCK + 1
+    rows = pool_rows(pool_entries(max_num_seqs, window_tokens))
     per_layer = rows * 2 * calibration.num_kv_heads * calibration.head_dim * 2
     return per_layer * len(calibration.layer_indices)

@@ -46,11 +46,15 @@ def pool_entries(max_num_seqs: int, window_tokens: int, sub_block: int = SUB_BLO
     return max_num_seqs * (-(-pool_window(window_tokens) // sub_block) + 2)
 
 
+def pool_rows(entries: int, sub_block: int = SUB_BLOCK) -> int:
+    """Rows of one layer's copies: every entry's slots plus the spare row."""
+    return entries * sub_block + 1
+
+
 @dataclass
 class WindowStep:
     """What one step's layers need (all on the cache's device)."""
 
-    window: int
     sub_block: int
     entries: int
     write_row: torch.Tensor    # [T] pool row of each written token (the dummy row if none)
@@ -137,7 +141,7 @@ class WindowPool:
         read_row = torch.where(read_entry >= 0, read_entry * sub + slots % sub, self.dummy_row)
         read_epoch = torch.where(read_entry >= 0,
                                  self.epoch[torch.where(read_entry >= 0, read_entry, entries)], -1)
-        return WindowStep(self.window, sub, entries, write_row, write_epoch, positions, read_row,
+        return WindowStep(sub, entries, write_row, write_epoch, positions, read_row,
                           read_epoch)
 
 
@@ -147,10 +151,9 @@ class LayerWindow:
 
     def __init__(self, entries: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, sub_block: int = SUB_BLOCK) -> None:
-        rows = entries * sub_block + 1
-        self.keys = torch.zeros(rows, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.keys = torch.zeros(pool_rows(entries, sub_block), num_kv_heads, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.stamp = torch.full((rows,), -2, dtype=torch.int64, device=device)
+        self.stamp = torch.full((self.keys.shape[0],), -2, dtype=torch.int64, device=device)
 
     def write(self, key: torch.Tensor, value: torch.Tensor, step: WindowStep) -> None:
         rows = step.write_row[: key.shape[0]]
