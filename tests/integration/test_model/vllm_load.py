@@ -19,7 +19,7 @@ path being checked:
   `torchvision` package first on PYTHONPATH (TORCHVISION_STAND_IN below);
   image processing never runs: the model is loaded language-model only.
 
-Usage: python tests/integration/vllm_qwen36_load.py MODEL_DIR [REFERENCE_BF16_DIR]
+Usage: python tests/integration/test_model/vllm_load.py MODEL_DIR [REFERENCE_BF16_DIR]
 With a reference, each NVFP4 layer is dequantized with vLLM's own
 `dequantize_to_dtype` and compared with the reference bf16 weights.
 """
