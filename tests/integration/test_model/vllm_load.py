@@ -22,6 +22,10 @@ path being checked:
 Usage: python tests/integration/test_model/vllm_load.py MODEL_DIR [REFERENCE_BF16_DIR]
 With a reference, each NVFP4 layer is dequantized with vLLM's own
 `dequantize_to_dtype` and compared with the reference bf16 weights.
+       python tests/integration/test_model/vllm_load.py --generate MODEL_DIR
+runs vLLM's CPU engine on a bf16 checkpoint (language model only, MTP n=3,
+eager, prefix caching off: CPU_ENGINE_NOTES) and reports one greedy
+generation and the speculative-decoding counters.
 """
 
 from __future__ import annotations
@@ -166,5 +170,36 @@ def main(model_dir: str, reference_dir: str | None = None) -> dict:
         return report
 
 
+def generate(model_dir: str) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        language_model_only=True,
+        enforce_eager=True,
+        dtype="bfloat16",
+        max_model_len=2048,
+        max_num_seqs=4,
+        enable_prefix_caching=False,
+        disable_log_stats=False,
+        speculative_config={"method": "mtp", "num_speculative_tokens": 3},
+    )
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    output = llm.generate(["The capital of France is"], params)[0].outputs[0]
+    counters = {
+        metric.name: metric.value
+        for metric in llm.get_metrics()
+        if metric.name.startswith("vllm:spec_decode") and hasattr(metric, "value")
+    }
+    return {
+        "architecture": llm.llm_engine.vllm_config.model_config.architecture,
+        "generated_tokens": len(output.token_ids),
+        "spec_decode": counters,
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:3])))
+    if sys.argv[1] == "--generate":
+        print(json.dumps(generate(sys.argv[2])))
+    else:
+        print(json.dumps(main(*sys.argv[1:3])))
