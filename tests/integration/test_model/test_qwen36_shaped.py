@@ -143,3 +143,16 @@ def test_cpu_engine_generates_from_the_bf16_variant_with_mtp(built, tmp_path):
     assert report["generated_tokens"] == 32
     # random weights: drafts are proposed and verified, hardly ever accepted
     assert report["spec_decode"]["vllm:spec_decode_num_draft_tokens"] == 3 * report["spec_decode"]["vllm:spec_decode_num_drafts"] > 0
+
+
+def test_the_servers_default_parsers_accept_the_tokenizer(built):
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tokenizers import get_tokenizer
+    from vllm.tool_parsers import ToolParserManager
+
+    out, _ = built
+    tokenizer = get_tokenizer(str(out / "nvfp4"))
+    ReasoningParserManager.get_reasoning_parser("qwen3")(tokenizer)  # needs <think> and </think>
+    ToolParserManager.get_tool_parser("qwen3_xml")(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(list(qwen36_shaped.ADDED_TOKENS))
+    assert all(i < qwen36_shaped.VOCAB for i in ids) and len(set(ids)) == 4
