@@ -61,6 +61,17 @@ for _name in ("transforms", "transforms.v2", "transforms.v2.functional", "transf
     sys.modules[_module.__name__] = _module
 '''
 
+# Language model only, MTP n=3 as the server runs it; eager and without prefix
+# caching as the CPU engine needs (CPU_ENGINE_NOTES).
+ENGINE_SETTINGS = {
+    "language_model_only": True,
+    "enforce_eager": True,
+    "dtype": "bfloat16",
+    "max_model_len": 2048,
+    "enable_prefix_caching": False,
+    "speculative_config": {"method": "mtp", "num_speculative_tokens": 3},
+}
+
 # vLLM fused module -> the checkpoint modules it stacks, in its output order.
 _FUSED_PARTS = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -133,16 +144,7 @@ def main(model_dir: str, reference_dir: str | None = None) -> dict:
     from vllm.utils.network_utils import get_open_port
 
     register_linear_kernel(EmulationNvFp4LinearKernel, PlatformEnum.CPU, "nvfp4")
-    engine_args = EngineArgs(
-        model=model_dir,
-        language_model_only=True,
-        enforce_eager=True,
-        dtype="bfloat16",
-        max_model_len=4096,
-        enable_prefix_caching=False,
-        speculative_config={"method": "mtp", "num_speculative_tokens": 3},
-    )
-    vllm_config = engine_args.create_engine_config()
+    vllm_config = EngineArgs(model=model_dir, **ENGINE_SETTINGS).create_engine_config()
     draft_config = vllm_config.speculative_config.draft_model_config
     with set_current_vllm_config(vllm_config):
         init_distributed_environment(
@@ -173,17 +175,7 @@ def main(model_dir: str, reference_dir: str | None = None) -> dict:
 def generate(model_dir: str) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(
-        model=model_dir,
-        language_model_only=True,
-        enforce_eager=True,
-        dtype="bfloat16",
-        max_model_len=2048,
-        max_num_seqs=4,
-        enable_prefix_caching=False,
-        disable_log_stats=False,
-        speculative_config={"method": "mtp", "num_speculative_tokens": 3},
-    )
+    llm = LLM(model=model_dir, max_num_seqs=4, disable_log_stats=False, **ENGINE_SETTINGS)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     output = llm.generate(["The capital of France is"], params)[0].outputs[0]
     counters = {
