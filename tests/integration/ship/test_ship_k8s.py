@@ -223,6 +223,22 @@ def test_pool_names_its_endpoint_picker_after_itself(documents) -> None:
     assert ref["port"]["number"] == 9002
 
 
+def test_endpoint_picker_chart_values_describe_the_same_pool(overlay, documents) -> None:
+    """llm-d's router chart creates the pool from these values; it must equal ours."""
+    values = yaml.safe_load((K8S_DIR / "overlays" / overlay / "endpoint-picker-values.yaml").read_text())["router"]
+    pool = k8s_one(documents, "InferencePool")
+    spec = pool["spec"]
+    release = pool["metadata"]["name"]  # the chart names the pool after the release...
+    assert len(release) <= 40  # ...and its Service "<release, cut to 40>-epp"
+    assert spec["endpointPickerRef"]["name"] == f"{release}-epp"
+    assert values["modelServers"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert values["modelServers"]["targetPorts"] == spec["targetPorts"]
+    assert values["modelServers"]["protocol"] == spec["appProtocol"] == "http"
+    assert values["modelServers"]["type"] == "vllm"
+    assert values["inferencePool"] == {"create": True, "failureMode": spec["endpointPickerRef"]["failureMode"]}
+    assert values["epp"]["image"]["tag"] == "v0.10.0"  # the release the vendored InferenceObjective CRD is from
+
+
 def test_route_and_objectives_point_at_this_pool(documents) -> None:
     pool_name = k8s_one(documents, "InferencePool")["metadata"]["name"]
     route = k8s_one(documents, "HTTPRoute")
