@@ -151,7 +151,7 @@ def container_environment(service: dict, shell: dict[str, str]) -> dict[str, str
 
 
 def duration_seconds(text: str) -> float:
-    """Compose durations such as '40m', '1m30s', '5s'."""
+    """Compose and Gateway API durations such as '40m', '1m30s', '300s'."""
     units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
     if not parts or "".join(n + u for n, u in parts) != text:

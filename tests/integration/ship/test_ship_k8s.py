@@ -4,11 +4,21 @@ pool, route, objectives, disruption budget and autoscaler all point at them."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 import yaml
-from shipfiles import K8S_DIR, dockerfile_instructions, k8s_all, k8s_documents, k8s_one, k8s_overlays, key_values
+from shipfiles import (
+    K8S_DIR,
+    dockerfile_instructions,
+    duration_seconds,
+    k8s_all,
+    k8s_documents,
+    k8s_one,
+    k8s_overlays,
+    key_values,
+)
 
 FIRST_START_SECONDS = 40 * 60  # ~20 GB download at 100 Mbit/s + load + compile (SERVE.md)
 EXIT_MARGIN_SECONDS = 10  # engine shutdown + process exit after the drain
@@ -55,7 +65,7 @@ def settings(container, monkeypatch):
     """The settings the container's environment gives, through the real loader."""
     from lnarize_serve.settings import load_settings
 
-    for key in [key for key in __import__("os").environ if key.startswith("LNARIZE_")]:
+    for key in [key for key in os.environ if key.startswith("LNARIZE_")]:
         monkeypatch.delenv(key)
     for key, value in container_env(container).items():
         monkeypatch.setenv(key, value)
@@ -133,7 +143,27 @@ def test_runs_non_root_with_runtime_default_seccomp_and_no_privileges(pod, conta
     assert "privileged" not in security or security["privileged"] is False
 
 
-def test_no_service_link_variables_and_no_api_token(pod) -> None:
+def service_link_variables(service: dict) -> dict[str, str]:
+    """The variables Kubernetes injects for a Service when service links are on (docker-links style)."""
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    variables = {f"{prefix}_SERVICE_HOST": "10.0.0.1"}
+    for port in service["spec"]["ports"]:
+        variables[f"{prefix}_SERVICE_PORT"] = str(port["port"])
+        variables[f"{prefix}_SERVICE_PORT_{port['name'].upper()}"] = str(port["port"])
+        variables[f"{prefix}_PORT"] = f"tcp://10.0.0.1:{port['port']}"
+        tcp = f"{prefix}_PORT_{port['port']}_TCP"
+        variables.update({tcp: f"tcp://10.0.0.1:{port['port']}", f"{tcp}_PROTO": "tcp",
+                          f"{tcp}_PORT": str(port["port"]), f"{tcp}_ADDR": "10.0.0.1"})
+    return variables
+
+
+def test_no_service_link_variables_and_no_api_token(documents, pod) -> None:
+    from lnarize_serve.settings import ENV_PREFIX
+
+    # The Service's own links would be LNARIZE_SERVE_* variables, inside the
+    # settings' namespace: the pod must not get them.
+    links = service_link_variables(k8s_one(documents, "Service"))
+    assert all(name.startswith(ENV_PREFIX) for name in links), links
     assert pod["enableServiceLinks"] is False
     assert pod["automountServiceAccountToken"] is False
 
@@ -301,10 +331,3 @@ def adapter_metric_name(rule: dict) -> str:
     series = adapter_source_series(rule)
     return re.sub(rule["name"]["matches"], rule["name"]["as"], series)
 
-
-def duration_seconds(text: str) -> float:
-    """Gateway API durations: one or more <number><h|m|s|ms> parts."""
-    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
-    parts = re.findall(r"(\d+)(ms|h|m|s)", text)
-    assert parts and "".join(n + u for n, u in parts) == text, text
-    return sum(int(number) * units[unit] for number, unit in parts)
