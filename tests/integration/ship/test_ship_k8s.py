@@ -89,7 +89,8 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 # Probes and timings ------------------------------------------------------------------
 
 
-def test_probes_hit_the_apps_routes(container, app_route_paths) -> None:
+def test_probes_and_scrape_path_hit_the_apps_routes(deployment, container, app_route_paths) -> None:
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] in app_route_paths
     assert container["startupProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
@@ -104,6 +105,8 @@ def test_probes_service_and_pool_use_the_port_the_settings_listen_on(documents, 
     assert named_port(container, service_port["targetPort"]) == settings.port
     pool = k8s_one(documents, "InferencePool")
     assert [port["number"] for port in pool["spec"]["targetPorts"]] == [settings.port]
+    annotations = k8s_one(documents, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.port)
 
 
 def test_startup_probe_allows_a_first_download_and_compile(container) -> None:
