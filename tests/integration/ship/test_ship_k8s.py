@@ -302,6 +302,7 @@ def test_long_context_route_matches_its_served_model_name(documents, overlay, se
 
 
 def test_autoscaler_scales_this_deployment_on_the_adapters_queue_metric(documents, deployment) -> None:
+    assert "replicas" not in deployment["spec"]  # would reset the autoscaler's count on every apply
     hpa = k8s_one(documents, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                      "name": deployment["metadata"]["name"]}
