@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,7 @@ def container_environment(service: dict, shell: dict[str, str]) -> dict[str, str
 
 
 def duration_seconds(text: str) -> float:
-    """Compose durations such as '40m', '1m30s', '5s'."""
+    """Compose and Gateway API durations such as '40m', '1m30s', '300s'."""
     units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
     if not parts or "".join(n + u for n, u in parts) != text:
@@ -161,11 +162,26 @@ def duration_seconds(text: str) -> float:
 # Kubernetes -------------------------------------------------------------------------
 
 
-def k8s_documents(folder: Path = REPO_ROOT / "config" / "k8s") -> list[dict]:
-    documents = []
-    for path in sorted(folder.glob("*.yaml")):
-        documents += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    return documents
+K8S_DIR = REPO_ROOT / "config" / "k8s"
+
+
+def k8s_overlays() -> list[str]:
+    return sorted(path.parent.name for path in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
+
+
+def k8s_documents(overlay: str) -> list[dict]:
+    """An overlay rendered by kustomize (the one built into kubectl, from the `test` extra)."""
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(K8S_DIR / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {overlay} failed:\n{result.stderr}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def k8s_all(documents: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in documents if doc.get("kind") == kind]
 
 
 def k8s_one(documents: list[dict], kind: str) -> dict:

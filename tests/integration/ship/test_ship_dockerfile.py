@@ -8,7 +8,16 @@ import sys
 import tomllib
 
 import pytest
-from shipfiles import REPO_ROOT, dockerfile_instructions, exec_form, key_values, k8s_documents, k8s_one, split_options
+from shipfiles import (
+    REPO_ROOT,
+    dockerfile_instructions,
+    exec_form,
+    k8s_documents,
+    k8s_one,
+    k8s_overlays,
+    key_values,
+    split_options,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +71,10 @@ def test_runs_as_a_numeric_non_root_user_that_owns_the_cache_dirs(instructions) 
     assert uid.isdigit() and gid.isdigit() and int(uid) != 0
     create = next(i.arguments for i in instructions if i.keyword == "RUN" and "useradd" in i.arguments)
     assert "chown -R" in create and "/cache" in create
-    # Kubernetes runs the pod as the same ids.
-    pod = k8s_one(k8s_documents(), "Deployment")["spec"]["template"]["spec"]["securityContext"]
-    assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (int(uid), int(gid), int(gid))
+    # Kubernetes runs the pods as the same ids.
+    for overlay in k8s_overlays():
+        pod = k8s_one(k8s_documents(overlay), "Deployment")["spec"]["template"]["spec"]["securityContext"]
+        assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (int(uid), int(gid), int(gid)), overlay
 
 
 def test_hf_home_and_vllm_cache_root_are_volumes(instructions) -> None:
