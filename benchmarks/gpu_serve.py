@@ -15,6 +15,8 @@ ratios are side by side in one run. Printed table (Markdown, also in
 - start-up: seconds to ready, engine build and warm-up (``lnarize_*`` gauges);
 - capacity: vLLM's logged KV cache tokens next to ``lnarize-serve plan``'s
   figure for the same KV memory (exact when ``--kv-cache-bytes`` fixes it);
+- the first request after ready (256-token prompt): its decode tok/s beside the
+  loads' shows whether a kernel still compiled on a user's request;
 - per context and stream count: decode tok/s per stream (median, tokens after
   the first over the time after the first), aggregate decode tok/s (sum over
   the concurrent streams), TTFT (median);
@@ -87,6 +89,7 @@ class ArmResult:
     phases: list[tuple[float, str]] = field(default_factory=list)
     engine_load_s: float | None = None
     warmup_s: float | None = None
+    first_request_tok_s: float | None = None
     log_facts: dict[str, Any] = field(default_factory=dict)
     plan_tokens: int | None = None
     plan_exact: bool = False
@@ -173,12 +176,14 @@ def decode_rate(result: RequestResult) -> float | None:
     return (result.output_tokens - 1) / span if span > 0 else None
 
 
-async def warm_up(endpoint: ChatEndpoint, prompts: TokenizerPrompts, decode_tokens: int) -> None:
-    """One unmeasured request per arm: plain vLLM has no warm-up of its own."""
+async def first_request(endpoint: ChatEndpoint, prompts: TokenizerPrompts, decode_tokens: int) -> RequestResult:
+    """The first user request after ready, kept out of the load figures (plain vLLM has no warm-up
+    of its own); its decode rate shows whether anything still compiled on a user's request."""
     async with make_http_client(1, endpoint) as client:
-        result = await stream_chat(client, endpoint, prompts.messages(256, seed=-7), min(decode_tokens, 32))
+        result = await stream_chat(client, endpoint, prompts.messages(256, seed=-7), decode_tokens)
     if not result.ok:
-        raise RuntimeError(f"warm-up request failed: {result.error}")
+        raise RuntimeError(f"first request failed: {result.error}")
+    return result
 
 
 async def measure_load(endpoint: ChatEndpoint, prompts: TokenizerPrompts, context: int, streams: int,
@@ -254,7 +259,8 @@ def run_arm(arm: Arm, base_env: dict[str, str], args: argparse.Namespace, prompt
         result.warmup_s = startup.get("lnarize_warmup_seconds")
         result.log_facts = read_log_facts(server.log_path)
         endpoint = ChatEndpoint(base_url=server.base_url, model=args.served_model_name, request_timeout=600)
-        asyncio.run(warm_up(endpoint, prompts, args.decode_tokens))
+        first = asyncio.run(first_request(endpoint, prompts, args.decode_tokens))
+        result.first_request_tok_s = decode_rate(first)
         before = parse_metrics(httpx.get(metrics_url, timeout=10).text)
         for context in args.contexts:
             for streams in sorted({1, *args.streams}):
@@ -295,11 +301,12 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def markdown(results: list[ArmResult]) -> str:
-    lines = ["| arm | ready s | engine s | warm-up s | vLLM KV tokens | plan tokens | graphs | MTP accept | tok/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | ready s | engine s | warm-up s | first request tok/s | vLLM KV tokens | plan tokens | graphs "
+             "| MTP accept | tok/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         plan = fmt(r.plan_tokens) + ("" if r.plan_exact or r.plan_tokens is None else " (≈)")
-        lines.append(f"| {r.arm} | {fmt(r.ready_s)} | {fmt(r.engine_load_s)} | {fmt(r.warmup_s, 2)} | "
+        lines.append(f"| {r.arm} | {fmt(r.ready_s)} | {fmt(r.engine_load_s)} | {fmt(r.warmup_s, 2)} | {fmt(r.first_request_tok_s)} | "
                      f"{fmt(r.log_facts.get('kv_cache_tokens'))} | {plan} | {r.log_facts.get('cudagraph_mode', '-')} | "
                      f"{fmt(r.mtp.get('acceptance'), 3)} | {fmt(r.mtp.get('tokens_per_step'), 2)} |")
     lines += ["", "| arm | context | streams | decode tok/s per stream | aggregate tok/s | TTFT ms | errors |",

@@ -67,10 +67,10 @@ def test_decode_rate_counts_from_the_first_chunk_to_the_stream_end():
 
 
 def test_table_shows_every_arm_and_load():
-    ok = ArmResult("bf16", {}, ready_s=190.0, log_facts={"kv_cache_tokens": 1000}, plan_tokens=1000, plan_exact=True,
+    ok = ArmResult("bf16", {}, ready_s=190.0, first_request_tok_s=180.0, log_facts={"kv_cache_tokens": 1000}, plan_tokens=1000, plan_exact=True,
                    loads=[LoadResult(1024, 1, 200.0, 200.0, 50.0)], mtp={"acceptance": 0.01, "tokens_per_step": 1.03})
     failed = ArmResult("kvtc", {"LNARIZE_KVTC_ENABLE": "1"}, error="exited with 1 before ready:\nTraceback")
     table = markdown([ok, failed])
-    assert "| bf16 | 190.0 |" in table and "| 1,000 | 1,000 |" in table
+    assert "| bf16 | 190.0 |" in table and "| 180.0 | 1,000 | 1,000 |" in table
     assert "| bf16 | 1,024 | 1 | 200.0 | 200.0 | 50.0 | 0 |" in table
     assert "| kvtc | failed: exited with 1 before ready: |" in table
