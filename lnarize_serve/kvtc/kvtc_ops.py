@@ -277,8 +277,10 @@ def _merge_decode_exact(decoded, lse, query, exact: ExactTokens, flags, window, 
     device = query.device
     num_decodes = len(query_lens)
     # row -> sequence and row -> distance from the end, from the CPU lengths: no sync
-    row_seq_cpu = torch.repeat_interleave(torch.arange(num_decodes), torch.tensor(query_lens))
-    from_end = torch.cat([torch.arange(n - 1, -1, -1) for n in query_lens])
+    cpu = torch.device("cpu")
+    row_seq_cpu = torch.repeat_interleave(torch.arange(num_decodes, device=cpu),
+                                          torch.tensor(query_lens, device=cpu))
+    from_end = torch.cat([torch.arange(n - 1, -1, -1, device=cpu) for n in query_lens])
     row_seq = row_seq_cpu.to(device, non_blocking=True)
     # row i of a sequence with n new tokens sits at position seq_len - n + i
     row_position = lens.to(torch.int64)[row_seq] - 1 - from_end.to(device, non_blocking=True)
