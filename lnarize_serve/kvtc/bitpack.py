@@ -54,16 +54,19 @@ def _position_tables(bits: torch.Tensor, offsets: torch.Tensor, num_bytes: int
     """
     num_heads, num_components = bits.shape
     num_positions = 8 * num_bytes
-    component = torch.full((num_heads, num_positions), num_components, dtype=torch.int64)
-    bit_index = torch.zeros((num_heads, num_positions), dtype=torch.int64)
+    # built on the CPU whatever the default device (vLLM's GPU workers set cuda)
+    cpu = torch.device("cpu")
+    component = torch.full((num_heads, num_positions), num_components, dtype=torch.int64,
+                           device=cpu)
+    bit_index = torch.zeros((num_heads, num_positions), dtype=torch.int64, device=cpu)
     bits_cpu = bits.detach().to("cpu", torch.int64)
     offsets_cpu = offsets.detach().to("cpu", torch.int64)
     for h in range(num_heads):
         total = int(bits_cpu[h].sum())
         if total == 0:
             continue
-        owners = torch.repeat_interleave(torch.arange(num_components), bits_cpu[h])
-        within = torch.arange(total) - (torch.cumsum(bits_cpu[h], 0) - bits_cpu[h])[owners]
+        owners = torch.repeat_interleave(torch.arange(num_components, device=cpu), bits_cpu[h])
+        within = torch.arange(total, device=cpu) - (torch.cumsum(bits_cpu[h], 0) - bits_cpu[h])[owners]
         positions = offsets_cpu[h][owners] + within
         if int(positions.min()) < 0 or int(positions.max()) >= num_positions:
             raise ValueError(f"head {h}: codes reach bit {int(positions.max())} but the "

@@ -92,12 +92,13 @@ class KindCodec:
         head_dim = heads[0].mean.shape[0]
         max_rank = max(1, max(int(h.bits.shape[0]) for h in heads))
         num_heads = len(heads)
-        mean = torch.zeros(num_heads, head_dim)
-        basis = torch.zeros(num_heads, max_rank, head_dim)
-        bits = torch.zeros(num_heads, max_rank, dtype=torch.int32)
-        scale = torch.zeros(num_heads, max_rank)
-        zero = torch.zeros(num_heads, max_rank)
-        offset = torch.zeros(num_heads, max_rank, dtype=torch.int32)
+        device = heads[0].mean.device
+        mean = torch.zeros(num_heads, head_dim, device=device)
+        basis = torch.zeros(num_heads, max_rank, head_dim, device=device)
+        bits = torch.zeros(num_heads, max_rank, dtype=torch.int32, device=device)
+        scale = torch.zeros(num_heads, max_rank, device=device)
+        zero = torch.zeros(num_heads, max_rank, device=device)
+        offset = torch.zeros(num_heads, max_rank, dtype=torch.int32, device=device)
         for i, head in enumerate(heads):
             rank = head.bits.shape[0]
             mean[i] = head.mean

@@ -52,7 +52,9 @@ class TorchReferenceOps:
     """The codec's reference implementation (any device; used on CPU)."""
 
     def write(self, key, value, cache, slot_mapping, codec):
-        keep = slot_mapping >= 0  # vLLM marks padding tokens with -1
+        # rows past the slot mapping are padding (CUDA-graph sizes); so are -1 slots
+        key, value = key[: slot_mapping.shape[0]], value[: slot_mapping.shape[0]]
+        keep = slot_mapping >= 0
         if not bool(keep.all()):
             key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
         write_slots_reference(cache, encode_kv(key, value, codec), slot_mapping)
@@ -177,11 +179,35 @@ class ExactTokens:
         return self.window is not None and self.step is not None
 
 
+def real_request_count(query_start_loc_cpu: torch.Tensor) -> int:
+    """Requests of the step without the trailing empty ones vLLM pads a
+    batch with for a captured CUDA-graph size (every real request has a token)."""
+    query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+    count = len(query_lens)
+    while count and query_lens[count - 1] == 0:
+        count -= 1
+    return count
+
+
 def kvtc_write(ops: KVTCOps, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
                slot_mapping: torch.Tensor, codec: LayerCodec,
-               exact: ExactTokens | None = None) -> None:
+               exact: ExactTokens | None = None, num_actual_tokens: int | None = None) -> None:
     """Compress the step's K/V; sink-like tokens are stored as the exact
-    sink's fixed pattern (see :mod:`sink`); window copies are kept exact."""
+    sink's fixed pattern (see :mod:`sink`); window copies are kept exact.
+
+    Only the first ``num_actual_tokens`` rows are the step's tokens (default:
+    the slot mapping's length): under CUDA graphs key/value, and in vLLM's
+    V2 runner the slot mapping too (with -1), are padded to a captured size.
+    """
+    num_tokens = slot_mapping.shape[0]
+    if num_actual_tokens is not None:
+        num_tokens = min(num_tokens, num_actual_tokens)
+    if key.shape[0] < num_tokens or value.shape[0] < num_tokens:
+        raise ValueError(f"KVTC write: {num_tokens} tokens to write, key/value have "
+                         f"{key.shape[0]}/{value.shape[0]} rows")
+    key, value, slot_mapping = key[:num_tokens], value[:num_tokens], slot_mapping[:num_tokens]
+    if num_tokens == 0:
+        return
     exact = exact or ExactTokens()
     if exact.has_window:
         exact.window.write(key, value, exact.step)
@@ -206,15 +232,20 @@ def kvtc_attention(ops: KVTCOps, query: torch.Tensor, cache: torch.Tensor,
     through the LSE; prefill substitutes them in the decoded history.
     """
     exact = exact or ExactTokens()
-    query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+    # the step's real rows: query/key/value may be padded to a CUDA-graph size,
+    # the batch to a captured request count (empty requests at the end)
+    num_reqs = real_request_count(query_start_loc_cpu)
+    query_lens = (query_start_loc_cpu[1:num_reqs + 1] - query_start_loc_cpu[:num_reqs]).tolist()
+    num_tokens = int(query_start_loc_cpu[num_reqs])
+    query = query[:num_tokens]
+    if exact_keys is not None and exact_values is not None:
+        exact_keys, exact_values = exact_keys[:num_tokens], exact_values[:num_tokens]
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] <= DECODE_MAX_QUERY:
         num_decodes += 1
     if any(n <= DECODE_MAX_QUERY for n in query_lens[num_decodes:] if n > 0):
         raise RuntimeError("KVTC: decode rows must precede prefill rows in the batch")
     num_decode_tokens = int(query_start_loc_cpu[num_decodes])
-    num_tokens = query.shape[0]
-    num_reqs = len(query_lens)
     device = query.device
     lens_all = seq_lens[:num_reqs]
     sink = exact.sink
@@ -277,8 +308,10 @@ def _merge_decode_exact(decoded, lse, query, exact: ExactTokens, flags, window, 
     device = query.device
     num_decodes = len(query_lens)
     # row -> sequence and row -> distance from the end, from the CPU lengths: no sync
-    row_seq_cpu = torch.repeat_interleave(torch.arange(num_decodes), torch.tensor(query_lens))
-    from_end = torch.cat([torch.arange(n - 1, -1, -1) for n in query_lens])
+    cpu = torch.device("cpu")
+    row_seq_cpu = torch.repeat_interleave(torch.arange(num_decodes, device=cpu),
+                                          torch.tensor(query_lens, device=cpu))
+    from_end = torch.cat([torch.arange(n - 1, -1, -1, device=cpu) for n in query_lens])
     row_seq = row_seq_cpu.to(device, non_blocking=True)
     # row i of a sequence with n new tokens sits at position seq_len - n + i
     row_position = lens.to(torch.int64)[row_seq] - 1 - from_end.to(device, non_blocking=True)

@@ -15,8 +15,12 @@ from the calibration's constants, :mod:`sink`), and the tokens of a prefill
 chunk (more than DECODE_MAX_QUERY tokens of one sequence in a step), which
 attend to each other with their uncompressed K/V; decode and MTP-verify rows
 read everything else, themselves included, from the compressed cache (what
-the GPU decode kernel does). No recent-token window in this build (see
-docs/kvtc-vllm.md): the server rejects LNARIZE_KVTC_WINDOW_TOKENS > 0.
+the GPU decode kernel does), except each row's last LNARIZE_KVTC_WINDOW_TOKENS
+positions, served exactly from the window pool (:mod:`window`).
+
+Under CUDA graphs vLLM pads key/value/query (and, in its V2 runner, the slot
+mapping with -1) to a captured token count: only the first
+``num_actual_tokens`` rows are the step's; the glue never reads the rest.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from lnarize_serve.kvtc.kvtc_ops import (
     kvtc_attention,
     kvtc_write,
     ops_for_device,
+    real_request_count,
 )
 from lnarize_serve.kvtc.model_codecs import layer_index_for, load_serving_calibration
 from lnarize_serve.kvtc.runtime_config import (
@@ -186,8 +191,10 @@ class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
         cam = common_attn_metadata
         window = None
         if self.window_pool is not None:
+            # padded requests (captured batch sizes) get no window entries
+            num_reqs = real_request_count(cam.query_start_loc_cpu[: cam.num_reqs + 1])
             window = self.window_pool.step(
-                cam.block_table_tensor[: cam.num_reqs], cam.seq_lens[: cam.num_reqs],
+                cam.block_table_tensor[:num_reqs], cam.seq_lens[:num_reqs],
                 cam.slot_mapping[: cam.num_actual_tokens])
         return KVTCMetadata(
             num_actual_tokens=cam.num_actual_tokens,
@@ -318,15 +325,16 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        num_tokens = slot_mapping.shape[0]
-        if num_tokens == 0:
+        if slot_mapping.shape[0] == 0:
             return
         device = kv_cache.device
         meta = get_attention_context(layer.layer_name)[0]
+        # key/value (and in the V2 runner the slot mapping) are padded to the
+        # CUDA-graph size; the step's tokens are the first num_actual_tokens
         kvtc_write(
-            self._ops_for(device), key[:num_tokens], value[:num_tokens],
-            kv_cache.view(torch.uint8), slot_mapping, self._codec_for(layer, device),
-            self._exact_for(layer, key.dtype, device, meta),
+            self._ops_for(device), key, value, kv_cache.view(torch.uint8), slot_mapping,
+            self._codec_for(layer, device), self._exact_for(layer, key.dtype, device, meta),
+            num_actual_tokens=None if meta is None else meta.num_actual_tokens,
         )
 
     def forward(
@@ -349,7 +357,7 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         num_tokens = attn_metadata.num_actual_tokens
         codec = self._codec_for(layer, kv_cache.device)
         meta = attn_metadata
-        result = kvtc_attention(
+        result = kvtc_attention(  # rows past num_actual_tokens are CUDA-graph padding
             self._ops_for(kv_cache.device),
             query=query[:num_tokens],
             cache=kv_cache.view(torch.uint8),
@@ -364,5 +372,6 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
             max_seq_len=meta.max_seq_len,
             exact=self._exact_for(layer, query.dtype, kv_cache.device, meta),
         )
-        output[:num_tokens] = result.reshape(output[:num_tokens].shape).to(output.dtype)
+        rows = result.shape[0]
+        output[:rows] = result.reshape(output[:rows].shape).to(output.dtype)
         return output

@@ -156,10 +156,16 @@ class LayerWindow:
         self.stamp = torch.full((self.keys.shape[0],), -2, dtype=torch.int64, device=device)
 
     def write(self, key: torch.Tensor, value: torch.Tensor, step: WindowStep) -> None:
-        rows = step.write_row[: key.shape[0]]
-        self.keys[rows] = key.to(self.keys.dtype)
-        self.values[rows] = value.to(self.values.dtype)
-        self.stamp[rows] = step.write_epoch[: key.shape[0]]
+        """Copy the step's tokens (one per ``step.write_row``); rows of
+        key/value past them are padding and are not written."""
+        rows = step.write_row
+        num_tokens = rows.shape[0]
+        if key.shape[0] < num_tokens or value.shape[0] < num_tokens:
+            raise ValueError(f"window write: {num_tokens} tokens in the step, key/value have "
+                             f"{key.shape[0]}/{value.shape[0]} rows")
+        self.keys[rows] = key[:num_tokens].to(self.keys.dtype)
+        self.values[rows] = value[:num_tokens].to(self.values.dtype)
+        self.stamp[rows] = step.write_epoch
 
     def exact_suffix(self, step: WindowStep, first_position: torch.Tensor) -> torch.Tensor:
         """[B, W] bool: window positions read exactly — the longest run of

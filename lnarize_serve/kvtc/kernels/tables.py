@@ -129,16 +129,18 @@ def _part_tables(part: KindCodec, word_offset: int) -> PartTables:
         kmax_padded *= 2
     columns = words_padded * kmax_padded
 
-    col_basis = torch.zeros(num_heads, columns, head_dim)
-    col_scale = torch.zeros(num_heads, columns)
-    col_zero = torch.zeros(num_heads, columns)
-    col_shift = torch.zeros(num_heads, columns, dtype=torch.int32)
-    col_mask = torch.zeros(num_heads, columns, dtype=torch.int32)
-    s_basis = torch.zeros(num_heads, words_padded, head_dim)
-    s_scale = torch.ones(num_heads, words_padded)
-    s_zero = torch.zeros(num_heads, words_padded)
-    s_shift = torch.zeros(num_heads, words_padded, dtype=torch.int32)
-    s_mask = torch.zeros(num_heads, words_padded, dtype=torch.int32)
+    # built on the CPU whatever the default device, moved to the codec's at the end
+    cpu = torch.device("cpu")
+    col_basis = torch.zeros(num_heads, columns, head_dim, device=cpu)
+    col_scale = torch.zeros(num_heads, columns, device=cpu)
+    col_zero = torch.zeros(num_heads, columns, device=cpu)
+    col_shift = torch.zeros(num_heads, columns, dtype=torch.int32, device=cpu)
+    col_mask = torch.zeros(num_heads, columns, dtype=torch.int32, device=cpu)
+    s_basis = torch.zeros(num_heads, words_padded, head_dim, device=cpu)
+    s_scale = torch.ones(num_heads, words_padded, device=cpu)
+    s_zero = torch.zeros(num_heads, words_padded, device=cpu)
+    s_shift = torch.zeros(num_heads, words_padded, dtype=torch.int32, device=cpu)
+    s_mask = torch.zeros(num_heads, words_padded, dtype=torch.int32, device=cpu)
     for h, per_word in enumerate(groups):
         for w, comps in enumerate(per_word):
             for k, j in enumerate(comps):

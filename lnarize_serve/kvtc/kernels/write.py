@@ -116,11 +116,16 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
 
     ``cache`` is the layer's uint8 [num_blocks, H, block_size, SLOT_BYTES];
     token i goes to flat slot ``slot_mapping[i]`` (block = slot // block_size,
-    offset = slot % block_size, -1 = skip), vLLM's convention.
+    offset = slot % block_size, -1 = skip), vLLM's convention. The slot
+    mapping's length is the number of tokens: key/value rows past it are
+    padding (CUDA-graph sizes) and are never read.
     """
-    num_tokens, num_heads, head_dim = key.shape
+    _, num_heads, head_dim = key.shape
+    num_tokens = slot_mapping.shape[0]
     if value.shape != key.shape:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+    if key.shape[0] < num_tokens:
+        raise ValueError(f"{num_tokens} slots to write but only {key.shape[0]} key/value rows")
     if (num_heads, head_dim) != (tables.num_kv_heads, tables.head_dim):
         raise ValueError(f"tokens are [.., {num_heads}, {head_dim}], the calibration is "
                          f"[.., {tables.num_kv_heads}, {tables.head_dim}]")

@@ -13,6 +13,7 @@ from lnarize_serve.kvtc.kvtc_ops import (
     TorchReferenceOps,
     kvtc_attention,
     kvtc_write,
+    real_request_count,
 )
 from lnarize_serve.kvtc.model_codecs import layer_index_for
 from lnarize_serve.kvtc.runtime_config import (
@@ -212,12 +213,25 @@ def test_decode_rows_attend_to_the_exact_sink_through_the_lse_merge():
     torch.testing.assert_close(out[5], sink.values.repeat_interleave(2, dim=0))
 
 
+def _pad_rows(x, rows):
+    """x with garbage rows appended up to ``rows`` (what a CUDA-graph size leaves there)."""
+    garbage = torch.Generator().manual_seed(rows)
+    extra = torch.randn(rows - x.shape[0], *x.shape[1:], generator=garbage).to(x.dtype) * 50
+    return torch.cat([x, extra])
+
+
 def _run_steps(codec, stats, gen, block_size, schedule, window, entries, sink=None,
-               first_tokens=None):
+               first_tokens=None, pad=None):
     """Drive the glue like vLLM does: per step, the pool's bookkeeping, each
     sequence's new tokens written, then attention. ``schedule`` is a list of
     steps, each {sequence: number of new tokens}. Returns the last step's
-    output, its inputs and the true K/V."""
+    output, its inputs and the true K/V.
+
+    ``pad`` = (tokens, slot_mapping_padded): every step arrives as under CUDA
+    graphs, key/value/query padded with garbage rows to a multiple of
+    ``tokens``, one empty request appended to the batch, and (V2 runner) the
+    slot mapping padded with -1 when ``slot_mapping_padded``; the returned
+    output keeps its padding rows."""
     total = {}
     for step in schedule:
         for b, n in step.items():
@@ -235,15 +249,36 @@ def _run_steps(codec, stats, gen, block_size, schedule, window, entries, sink=No
         slot_mapping = torch.cat([_slots(block_table, b, p, block_size) for b, p in zip(seqs, new)])
         lens = torch.tensor([done[b] + step[b] for b in seqs])
         table = block_table[seqs]
-        window_step = pool.step(table, lens, slot_mapping)
-        exact = ExactTokens(sink=sink, window=layer, step=window_step, window_tokens=window)
         k_new = torch.cat([keys[b][p] for b, p in zip(seqs, new)])
         v_new = torch.cat([values[b][p] for b, p in zip(seqs, new)])
-        kvtc_write(ops, k_new, v_new, cache, slot_mapping, codec, exact)
         qsl = torch.tensor([0, *torch.tensor([step[b] for b in seqs]).cumsum(0).tolist()])
         query = torch.randn(int(qsl[-1]), 4, 64, generator=gen)
-        out = kvtc_attention(ops, query, cache, table, lens, qsl, qsl, codec, 0.125, k_new,
-                             v_new, max_seq_len=int(lens.max()), exact=exact)
+        num_actual = int(qsl[-1])
+        if pad is None:
+            window_step = pool.step(table, lens, slot_mapping)
+            step_slots, step_k, step_v, step_q = slot_mapping, k_new, v_new, query
+            step_table, step_lens, step_qsl = table, lens, qsl
+        else:
+            tokens, slot_mapping_padded = pad
+            rows = -(-num_actual // tokens) * tokens
+            step_k, step_v, step_q = (_pad_rows(x, rows) for x in (k_new, v_new, query))
+            step_slots = slot_mapping
+            if slot_mapping_padded:
+                step_slots = torch.cat([slot_mapping,
+                                        torch.full((rows - num_actual,), -1, dtype=torch.int64)])
+            # one captured-size request more: an empty query, a zero block-table row
+            step_table = torch.cat([table, torch.zeros_like(table[:1])])
+            step_lens = torch.cat([lens, torch.zeros_like(lens[:1])])
+            step_qsl = torch.cat([qsl, qsl[-1:]])
+            # what the metadata builder hands the pool
+            num_reqs = real_request_count(step_qsl)
+            window_step = pool.step(step_table[:num_reqs], step_lens[:num_reqs],
+                                    step_slots[:num_actual])
+        exact = ExactTokens(sink=sink, window=layer, step=window_step, window_tokens=window)
+        kvtc_write(ops, step_k, step_v, cache, step_slots, codec, exact,
+                   num_actual_tokens=num_actual)
+        out = kvtc_attention(ops, step_q, cache, step_table, step_lens, step_qsl, step_qsl, codec,
+                             0.125, step_k, step_v, max_seq_len=int(lens.max()), exact=exact)
         for b in seqs:
             done[b] += step[b]
     return out, query, qsl, cache, table, lens.tolist(), [keys[b] for b in seqs], \
@@ -307,3 +342,44 @@ def test_pool_gives_shared_sub_blocks_one_entry_and_renews_epochs_on_reuse():
     step = pool.step(torch.tensor([[5, 6]]), torch.tensor([32]), torch.tensor([100]))
     recycled = pool.epoch[:4] != epochs[:4]
     assert int(recycled.sum()) == 2 and set(pool.owner[:4].tolist()) >= {5, 6}
+
+
+@pytest.mark.parametrize("slot_mapping_padded", [True, False], ids=["v2-runner", "v1-runner"])
+def test_cuda_graph_padding_rows_change_nothing(slot_mapping_padded):
+    """Key/value/query padded to a captured size (8) with garbage rows, an
+    empty request appended, the slot mapping padded with -1 (V2 runner) or
+    not (V1): cache bytes, window copies and every real output row equal the
+    unpadded run, with the sink and the default-size window on."""
+    codec, stats = random_layer_codec(2, 64, seed=17)
+    window = 24
+    # a 5-token step (a 1-token decode and a 4-token verify) among others
+    schedule = [{0: 40, 1: 30}, {0: 1, 1: 4}, {0: 3, 1: 1}, {0: 1, 1: 4, 2: 20}]
+    results = []
+    for pad in (None, (8, slot_mapping_padded)):
+        gen = torch.Generator().manual_seed(18)
+        sink = _sink(codec, stats, gen)
+        results.append(_run_steps(codec, stats, gen, 16, schedule, window, pool_entries(3, window),
+                                  sink, [(sink.keys, sink.values), None, None], pad=pad))
+    (out, _, qsl, cache, *_, layer, _), (out_padded, _, _, cache_padded, *_, layer_padded, _) = \
+        results
+    num_actual = int(qsl[-1])
+    assert out_padded.shape[0] == num_actual  # rows for the real tokens only
+    torch.testing.assert_close(out_padded, out)
+    assert torch.equal(cache_padded, cache)
+    assert torch.equal(layer_padded.stamp, layer.stamp)
+    assert torch.equal(layer_padded.keys, layer.keys)
+    assert torch.equal(layer_padded.values, layer.values)
+
+
+def test_the_write_refuses_fewer_rows_than_tokens():
+    codec, _ = random_layer_codec(2, 64, seed=1)
+    cache = torch.zeros(2, 2, 16, codec.slot_bytes, dtype=torch.uint8)
+    k = torch.randn(3, 2, 64)
+    with pytest.raises(ValueError, match="5 tokens to write"):
+        kvtc_write(TorchReferenceOps(), k, k, cache, torch.arange(5), codec)
+
+
+def test_padded_requests_are_not_counted():
+    assert real_request_count(torch.tensor([0, 1, 5, 5, 5])) == 2
+    assert real_request_count(torch.tensor([0, 1, 5])) == 2
+    assert real_request_count(torch.tensor([0])) == 0
