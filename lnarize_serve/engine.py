@@ -73,6 +73,11 @@ def start_engine(engine_args: AsyncEngineArgs) -> EngineHandle:
 
     started = time.monotonic()
     vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    from lnarize_serve.cpu_engine import cpu_engine_description
+
+    description = cpu_engine_description(vllm_config)
+    if description:
+        logger.info(description)
     engine = AsyncLLM.from_vllm_config(
         vllm_config=vllm_config,
         usage_context=UsageContext.OPENAI_API_SERVER,
