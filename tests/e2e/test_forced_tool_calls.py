@@ -96,14 +96,27 @@ def finish_reasons(family_name: str) -> tuple[str, ...]:
     return ("stop", "tool_calls", "length") if family_name == "tiny-qwen3-next" else ("stop", "tool_calls")
 
 
+XML_WHITESPACE_GAP = (
+    "qwen3_xml: the structural tag lets whitespace around an XML parameter value "
+    "through (' celsius\\t\\r' for an enum) and the parser keeps it; seen with the "
+    "random-weight model, open"
+)
+
+
+def known_gap(request, family_name: str) -> None:
+    if family_name == "tiny-qwen3-next":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=XML_WHITESPACE_GAP))
+
+
 def assert_weather_call(name: str, arguments: str) -> None:
     assert name == "get_weather"
     jsonschema.validate(json.loads(arguments), WEATHER_SCHEMA)
 
 
 @pytest.mark.parametrize("choice", list(TOOL_CHOICES))
-def test_forced_call_returns_schema_valid_arguments(family, choice):
+def test_forced_call_returns_schema_valid_arguments(family, choice, request):
     family_name, model, client, _ = family
+    known_gap(request, family_name)
     tools = [WEATHER_TOOL] if choice == "required" else [WEATHER_TOOL, OTHER_TOOL]
     completion = client.chat.completions.create(
         model=model, messages=QUESTION, tools=tools, tool_choice=TOOL_CHOICES[choice],
@@ -117,8 +130,9 @@ def test_forced_call_returns_schema_valid_arguments(family, choice):
 
 
 @pytest.mark.parametrize("choice", list(TOOL_CHOICES))
-def test_forced_call_streamed_returns_schema_valid_arguments(family, choice):
+def test_forced_call_streamed_returns_schema_valid_arguments(family, choice, request):
     family_name, model, client, _ = family
+    known_gap(request, family_name)
     tools = [WEATHER_TOOL] if choice == "required" else [WEATHER_TOOL, OTHER_TOOL]
     calls: dict[int, dict[str, str]] = {}
     finish = None
@@ -139,11 +153,12 @@ def test_forced_call_streamed_returns_schema_valid_arguments(family, choice):
         assert_weather_call(call["name"], call["arguments"])
 
 
-def test_langchain_structured_output_through_a_forced_call(family):
+def test_langchain_structured_output_through_a_forced_call(family, request):
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, Field
 
-    _, model, _, server = family
+    family_name, model, _, server = family
+    known_gap(request, family_name)
 
     class Forecast(BaseModel):
         """Weather forecast request for a city."""
