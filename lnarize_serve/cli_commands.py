@@ -37,6 +37,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _load_or_exit(args: argparse.Namespace) -> Settings:
+    # Before the settings: validating them imports vLLM, which imports transformers.
+    from lnarize_serve.torchvision_guard import torchvision_problem
+
+    problem = torchvision_problem()
+    if problem:
+        print(f"lnarize-serve: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         return settings_from_args(args)
     except ConfigError as exc:

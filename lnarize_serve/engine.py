@@ -52,9 +52,22 @@ class EngineHandle:
     load_seconds: float
 
 
+def with_demo_kvtc_calibration(settings: Settings) -> Settings:
+    """The demo model with KVTC and the default calibration name: its own
+    calibration, fitted on first use (the demo folder has no calibration file)."""
+    default = Settings.model_fields["kvtc_calibration"].default
+    if not (settings.kvtc_enable and settings.model == DEMO_MODEL_ID and settings.kvtc_calibration == default):
+        return settings
+    from lnarize_serve.demo_model import ensure_demo_kvtc_calibration
+
+    path = ensure_demo_kvtc_calibration(settings.cache_dir)
+    return settings.model_copy(update={"kvtc_calibration": str(path)})
+
+
 def prepare_engine_args(settings: Settings) -> AsyncEngineArgs:
     check_kvtc_supported(settings)
     location = resolve_model_location(settings)
+    settings = with_demo_kvtc_calibration(settings)
     engine_args = build_engine_args(settings, location)
     if settings.kvtc_enable:
         from lnarize_serve.kvtc.serving_setup import KVTCSetupError, install_kvtc
@@ -73,6 +86,11 @@ def start_engine(engine_args: AsyncEngineArgs) -> EngineHandle:
 
     started = time.monotonic()
     vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    from lnarize_serve.cpu_engine import cpu_engine_description
+
+    description = cpu_engine_description(vllm_config)
+    if description:
+        logger.info(description)
     engine = AsyncLLM.from_vllm_config(
         vllm_config=vllm_config,
         usage_context=UsageContext.OPENAI_API_SERVER,

@@ -221,19 +221,38 @@ def _weights_bytes_in(folder: Path) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 
+def _looks_local(model: str) -> bool:
+    # A Hub repo id is "name" or "namespace/name"; anything else is a path.
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or model.endswith(".json")
+
+
+def _hub_config(model: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+
+    try:
+        return Path(hf_hub_download(model, "config.json"))
+    except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot read config.json of {model!r}: not a local folder, and the Hugging Face Hub "
+            f"answered {type(exc).__name__}: {reason}"
+        ) from None
+
+
 def resolve_geometry(model: str) -> ModelGeometry:
     """A built-in name, a local model folder or config.json, or a HF repo id."""
     if model in BUILTIN_MODELS or model.lower() in BUILTIN_MODELS:
         return BUILTIN_MODELS.get(model) or BUILTIN_MODELS[model.lower()]
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_dir():
         config_path = path / "config.json"
     elif path.is_file():
         config_path = path
+    elif _looks_local(model):
+        raise ValueError(f"no such model folder or config.json: {model}")
     else:
-        from huggingface_hub import hf_hub_download
-
-        config_path = Path(hf_hub_download(model, "config.json"))
+        config_path = _hub_config(model)
     if not config_path.is_file():
         raise ValueError(f"no config.json for model {model!r} (looked at {config_path})")
     geometry = geometry_from_hf_config(
@@ -346,10 +365,18 @@ def parse_bytes(text: str) -> int:
         "tb": 10**12, "gb": 10**9, "mb": 10**6, "kb": 10**3, "b": 1,
     }
     cleaned = text.strip().lower().replace(" ", "")
-    for suffix, factor in units.items():
+    number, factor = cleaned, GIB
+    for suffix, unit in units.items():
         if cleaned.endswith(suffix):
-            return int(float(cleaned[: -len(suffix)]) * factor)
-    return int(float(cleaned) * GIB)
+            number, factor = cleaned[: -len(suffix)], unit
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 96GB, 80GiB, 512MiB, or GiB as a number)") from None
+    if value < 0:
+        raise ValueError(f"not a memory size: {text!r} (negative)")
+    return int(value * factor)
 
 
 # --------------------------------------------------------------------------
@@ -448,7 +475,18 @@ def add_plan_arguments(parser: Any) -> None:
 
 
 def run_plan(args: Any) -> int:
-    """Print the plan (the "fits" column answers the question; exit 0)."""
+    """Print the plan (the "fits" column answers the question; exit 0); bad
+    input is one line on stderr and exit 2."""
+    import sys
+
+    try:
+        return _run_plan(args)
+    except ValueError as exc:
+        print(f"lnarize-serve plan: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_plan(args: Any) -> int:
     geometry = resolve_geometry(args.model)
     header = [f"model: {geometry.name}  ({geometry.source})"]
     header.append(

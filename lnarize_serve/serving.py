@@ -56,6 +56,10 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     namespace.served_model_name = [settings.effective_served_model_name]
     namespace.tool_call_parser = settings.tool_call_parser
     namespace.enable_auto_tool_choice = settings.enable_auto_tool_choice
+    # vLLM's default ("auto") pins only the tool-call envelope unless a tool
+    # says `strict: true`, so a forced call could carry arguments that do not
+    # match the tool's schema; "parameter" constrains them to the schema.
+    namespace.tool_strict_level = "parameter"
     namespace.enable_log_requests = False
     namespace.disable_log_stats = False
     namespace.log_error_stack = settings.log_level == "debug"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 DEFAULT_CONCURRENCY = "1,4,16"
 DEFAULT_PROMPT_TOKENS = "128,1024"
@@ -102,9 +103,24 @@ def grid_from_args(args: argparse.Namespace):
     )
 
 
+def plot_extra_missing(args: argparse.Namespace, command: str) -> bool:
+    """--plot without matplotlib: say so before measuring anything (plain stderr:
+    rich markup would eat the `[bench]` of the install command)."""
+    if args.plot is None:
+        return False
+    from lnarize_serve.bench.plot import plot_support_problem
+
+    problem = plot_support_problem()
+    if problem:
+        print(f"{command}: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from lnarize_serve.bench.report import make_console
 
+    if plot_extra_missing(args, "lnarize-serve bench"):
+        return 2
     console = make_console()
     if args.base_url is None:
         console.print("lnarize-serve bench: --base-url is required (e.g. --base-url http://localhost:9000/v1)")
@@ -171,7 +187,7 @@ async def _bench(console: Console, endpoint, args: argparse.Namespace) -> int:
         try:
             plot_series({endpoint.model: stats}, args.plot, title)
         except RuntimeError as exc:
-            console.print(f"[red]{exc}[/red]")
+            console.print(f"[red]{escape(str(exc))}[/red]")
             return 1
         console.print(f"plot: {args.plot}")
     failed = sum(s.errors for s in stats)

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lnarize_serve.bench.cli import add_output_arguments, add_workload_arguments, grid_from_args
+from lnarize_serve.bench.cli import add_output_arguments, add_workload_arguments, grid_from_args, plot_extra_missing
 
 VLLM_ARM = "vllm"
 LNARIZE_ARM = "lnarize-serve"
@@ -78,6 +78,8 @@ def _environments(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, s
 def run_compare(args: argparse.Namespace) -> int:
     from lnarize_serve.bench.report import make_console
 
+    if plot_extra_missing(args, "lnarize-serve bench compare"):
+        return 2
     console = make_console()
     if args.rounds < 1:
         console.print("lnarize-serve bench compare: --rounds must be >= 1")

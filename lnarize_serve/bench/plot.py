@@ -14,11 +14,23 @@ from lnarize_serve.bench.stats import CellStats
 _STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 
 
+PLOT_EXTRA_MISSING = "--plot needs matplotlib, part of the bench extra: pip install 'lnarize-serve[bench]'"
+
+
+def plot_support_problem() -> str | None:
+    """None when --plot can work; else what to install (checked before a run starts)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return PLOT_EXTRA_MISSING
+    return None
+
+
 def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'lnarize-serve[bench]'") from exc
+        raise RuntimeError(PLOT_EXTRA_MISSING) from exc
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 

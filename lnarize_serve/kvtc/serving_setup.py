@@ -84,6 +84,13 @@ def _hub_dir(cache_dir: Path | None) -> str | None:
     return str(cache_dir / "hub") if cache_dir else None
 
 
+def calibrate_hint(model_location: str) -> str:
+    return (
+        f"make one with `lnarize-serve kvtc calibrate --model {model_location} --out "
+        "kvtc-calibration.safetensors` and set LNARIZE_KVTC_CALIBRATION to that file"
+    )
+
+
 def resolve_calibration_source(
     source: str, model_location: str, revision: str | None, cache_dir: Path | None
 ) -> Path:
@@ -98,7 +105,7 @@ def resolve_calibration_source(
             return candidate
         raise KVTCSetupError(
             f"invalid setting LNARIZE_KVTC_CALIBRATION={source!r}: no such file, and the local "
-            f"model folder {model_dir} has none of that name"
+            f"model folder {model_dir} has none of that name; {calibrate_hint(model_location)}"
         )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
@@ -110,7 +117,8 @@ def resolve_calibration_source(
     except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         raise KVTCSetupError(
             f"invalid setting LNARIZE_KVTC_CALIBRATION={source!r}: not a local file and not "
-            f"downloadable from the model repo {model_location!r} ({type(exc).__name__}: {exc})"
+            f"downloadable from the model repo {model_location!r} ({type(exc).__name__}: {exc}); "
+            f"{calibrate_hint(model_location)}"
         ) from None
 
 

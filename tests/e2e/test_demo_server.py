@@ -75,6 +75,12 @@ def test_readiness_was_503_while_loading_then_200(server):
     assert httpx.get(f"{server.url}/health/live").json()["status"] == "alive"
 
 
+def test_start_up_log_names_the_dtype_and_cpu_isa(server):
+    from lnarize_serve.cpu_engine import detected_isa
+
+    assert f"CPU engine: dtype float32, CPU ISA {detected_isa()}" in server.log_path.read_text()
+
+
 def test_models_lists_the_served_name(client):
     assert [model.id for model in client.models.list().data] == [MODEL]
 
@@ -82,15 +88,17 @@ def test_models_lists_the_served_name(client):
 # Generation ------------------------------------------------------------------
 
 
-def test_capital_of_france_is_paris(client):
+def test_readme_question_is_answered_as_the_readme_shows(client):
+    # README's example, verbatim: right on every x86 CPU (the demo runs float32).
     completion = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "What is the capital of France?"}],
         temperature=0,
-        max_tokens=32,
+        max_tokens=64,
     )
     answer = completion.choices[0].message.content
-    assert "Paris" in answer, answer
+    assert answer == "The capital of France is Paris.", answer
+    assert completion.choices[0].finish_reason == "stop"
     assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
 
 

@@ -1,6 +1,7 @@
-"""`LNARIZE_KVTC_ENABLE=1` with the cpu-demo profile: the real server, the real
-openai client, answers from a KVTC-compressed paged cache whose capacity vLLM
-itself reports (exported as lnarize_kv_cache_capacity_tokens)."""
+"""`LNARIZE_KVTC_ENABLE=1` with the cpu-demo profile and nothing else: the
+server fits the demo model's calibration on first use (or reuses it), and the
+real openai client gets answers from a KVTC-compressed paged cache whose
+capacity vLLM itself reports (exported as lnarize_kv_cache_capacity_tokens)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from lnarize_serve import plan
 from tests.e2e.conftest import running_server
 from tests.e2e.server_process import base_env
-from tests.fixtures.kvtc_calibrations import smollm2_calibration
+from lnarize_serve.demo_model import demo_kvtc_calibration_path
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +23,6 @@ def server(server_logs):
     env = base_env(
         LNARIZE_PROFILE="cpu-demo",
         LNARIZE_KVTC_ENABLE="1",
-        LNARIZE_KVTC_CALIBRATION=str(smollm2_calibration()),
         LNARIZE_MAX_MODEL_LEN="2048",
     )
     yield from running_server(env, server_logs / "kvtc.log")
@@ -35,6 +35,7 @@ def test_kvtc_server_answers_from_a_5x_larger_compressed_cache(server):
         max_tokens=16, temperature=0,
     )
     assert "Paris" in chat.choices[0].message.content
+    assert f"KVTC on: {demo_kvtc_calibration_path()}" in server.log_path.read_text()
 
     assert server.metric("lnarize_kvtc_enabled") == 1
     # LNARIZE_KVTC_SINK_TOKENS unset and the calibration has the constants

@@ -122,3 +122,24 @@ def test_qwen36_four_by_256k_on_96gb_fits_with_kvtc_but_not_bf16(capsys):
     assert not rows["bf16"]["fits"]
     assert rows["kvtc"]["fits"]
     assert rows["kvtc"]["capacity_tokens"] > 4 * rows["bf16"]["capacity_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "/no/such/model/folder"], "no such model folder or config.json: /no/such/model/folder"),
+        (["--model", "./missing-model"], "no such model folder or config.json: ./missing-model"),
+        (["--model", "not a repo id!"], "cannot read config.json of 'not a repo id!'"),
+        (["--gpu-memory", "lots"], "not a memory size: 'lots'"),
+        (["--kv-memory", "1GiB", "--modes", "bf16,nonsense"], "unknown KV cache mode 'nonsense'"),
+    ],
+)
+def test_bad_plan_arguments_are_one_line_and_exit_2(arguments, message, capsys):
+    from lnarize_serve.cli import main
+
+    assert main(["plan", *arguments]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lnarize-serve plan: "), captured.err
+    assert message in lines[0]
+    assert captured.out == ""

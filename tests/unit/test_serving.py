@@ -35,6 +35,8 @@ def test_frontend_namespace_carries_parsers_and_served_name():
     assert namespace.served_model_name == ["sakamakismile/Qwen3.6-27B-LNARIZE-NVFP4"]
     assert namespace.tool_call_parser == "qwen3_xml"
     assert namespace.enable_auto_tool_choice is True
+    # Forced tool calls are constrained to each tool's schema, not only to the call envelope.
+    assert namespace.tool_strict_level == "parameter"
     assert namespace.structured_outputs_config.reasoning_parser == "qwen3"
     assert namespace.speculative_config == {"method": "mtp", "num_speculative_tokens": 3}
     assert namespace.enable_force_include_usage is False

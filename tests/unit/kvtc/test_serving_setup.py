@@ -63,8 +63,10 @@ def test_calibration_source_local_file_then_model_folder(tmp_path):
     (model_dir / "kvtc_calibration.pt").write_bytes(b"x")
     found = resolve_calibration_source("kvtc_calibration.pt", str(model_dir), None, None)
     assert found == model_dir / "kvtc_calibration.pt"
-    with pytest.raises(KVTCSetupError, match="LNARIZE_KVTC_CALIBRATION='other.pt'"):
+    with pytest.raises(KVTCSetupError, match="LNARIZE_KVTC_CALIBRATION='other.pt'") as missing:
         resolve_calibration_source("other.pt", str(model_dir), None, None)
+    # the error names the command that makes a calibration for this model
+    assert f"lnarize-serve kvtc calibrate --model {model_dir} --out" in str(missing.value)
 
 
 def test_sink_setting_is_checked_against_the_calibration():
