@@ -110,12 +110,14 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and is_api_path(scope["path"]):
             presented = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(presented, self.expected):
+            # The auth scheme is case-insensitive (RFC 9110 section 11.1); the key is not.
+            scheme, _, token = presented.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
                 message = "Missing API key" if not presented else "Invalid API key"
                 await send_json_error(
                     send, 401, f"{message}: send 'Authorization: Bearer <key>'.", {"WWW-Authenticate": "Bearer"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -295,11 +296,22 @@ def _requested_profile(init_settings: PydanticBaseSettingsSource) -> str:
     return "interactive"
 
 
+# Kubernetes injects these into every pod for the Service named `lnarize-serve`
+# (service links); they share the settings' prefix but are no settings.
+KUBERNETES_SERVICE_LINK = re.compile(
+    r"LNARIZE_SERVE_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)?)"
+)
+
+
 def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
     """LNARIZE_* variables in the environment that name no setting (typos are errors, not ignored)."""
     environ = dict(os.environ) if environ is None else environ
     known = {env_name(name) for name in Settings.model_fields}
-    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    return sorted(
+        k
+        for k in environ
+        if k.upper().startswith(ENV_PREFIX) and k.upper() not in known and not KUBERNETES_SERVICE_LINK.fullmatch(k)
+    )
 
 
 def _allowed_range(field_name: str) -> str | None:

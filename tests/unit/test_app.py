@@ -106,6 +106,10 @@ def test_api_key_guards_v1_only(loading_app, client_of):
     assert "sk-test" not in wrong.text
     # With the right key the request passes auth and meets the readiness gate.
     assert client.get("/v1/models", headers={"Authorization": "Bearer sk-test"}).status_code == 503
+    assert client.get("/v1/models", headers={"Authorization": "bearer sk-test"}).status_code == 503
+    assert client.get("/v1/models", headers={"Authorization": "BEARER sk-test"}).status_code == 503
+    assert client.get("/v1/models", headers={"Authorization": "Basic sk-test"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "bearer SK-TEST"}).status_code == 401
     assert client.get("/health/live").status_code == 200
     assert client.get("/metrics").status_code == 200
 

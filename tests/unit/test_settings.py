@@ -1,5 +1,7 @@
 """Settings parsing, validation messages and profile presets."""
 
+from pathlib import Path
+
 import pytest
 
 from lnarize_serve.profiles import PROFILE_NAMES, profile_path
@@ -120,6 +122,42 @@ def test_invalid_values_name_the_variable(monkeypatch, variable, value, expected
 def test_unknown_lnarize_variable_is_an_error(monkeypatch):
     monkeypatch.setenv("LNARIZE_MAX_MODEL_LENGTH", "4096")
     with pytest.raises(ConfigError, match="unknown setting LNARIZE_MAX_MODEL_LENGTH"):
+        load_settings()
+
+
+def kubelet_service_link_env(service: dict, cluster_ip: str) -> dict[str, str]:
+    """The variables the kubelet injects into every pod of the namespace for one Service."""
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    ports = service["spec"]["ports"]
+    env = {f"{prefix}_SERVICE_HOST": cluster_ip, f"{prefix}_SERVICE_PORT": str(ports[0]["port"])}
+    for port in ports:
+        number, proto = port["port"], port.get("protocol", "TCP")
+        if port.get("name"):
+            env[f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+        url = f"{proto.lower()}://{cluster_ip}:{number}"
+        base = f"{prefix}_PORT_{number}_{proto}"
+        env.update({base: url, f"{base}_PROTO": proto.lower(), f"{base}_PORT": str(number), f"{base}_ADDR": cluster_ip})
+    env[f"{prefix}_PORT"] = f"{ports[0].get('protocol', 'TCP').lower()}://{cluster_ip}:{ports[0]['port']}"
+    return env
+
+
+def test_kubernetes_service_links_of_the_shipped_service_are_accepted(monkeypatch):
+    import yaml
+
+    service = yaml.safe_load((Path(__file__).parents[2] / "config" / "k8s" / "service.yaml").read_text())
+    injected = kubelet_service_link_env(service, "10.96.0.17")
+    assert "LNARIZE_SERVE_SERVICE_PORT" in injected and "LNARIZE_SERVE_PORT_9000_TCP_ADDR" in injected
+    for name, value in injected.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().port == 9000
+
+
+@pytest.mark.parametrize(
+    "variable", ["LNARIZE_MAX_NUM_SEQ", "LNARIZE_SERVE_PORTS", "LNARIZE_SERVE_PORT_9000_TCP_HOST", "LNARIZE_SERVE_HOST"]
+)
+def test_near_service_link_typos_stay_errors(monkeypatch, variable):
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(ConfigError, match=f"unknown setting {variable}"):
         load_settings()
 
 

@@ -42,6 +42,17 @@ def test_every_passthrough_value_reaches_the_loader(service) -> None:
     assert not unknown_env_vars(environment)
 
 
+def test_every_setting_reaches_the_container(service) -> None:
+    fixed_in_container = {"LNARIZE_HOST": "0.0.0.0", "LNARIZE_PORT": "9000"}
+    shell = {name: f"value-of-{name}" for name in SETTING_NAMES}
+    environment = container_environment(service, shell)
+    assert set(environment) >= SETTING_NAMES, sorted(SETTING_NAMES - set(environment))
+    for name in SETTING_NAMES - set(fixed_in_container):
+        assert environment[name] == shell[name], name
+    assert {name: environment[name] for name in fixed_in_container} == fixed_in_container
+    assert container_environment(service, {})["LNARIZE_PROFILE"] == "interactive"
+
+
 def test_plain_up_serves_the_interactive_profile(service, monkeypatch) -> None:
     settings = settings_for(service, {}, monkeypatch)
     assert (settings.profile, settings.max_model_len, settings.max_num_seqs, settings.gpu_mem_util) == (
