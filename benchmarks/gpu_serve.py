@@ -186,12 +186,22 @@ async def first_request(endpoint: ChatEndpoint, prompts: TokenizerPrompts, decod
     return result
 
 
+def exact_prompt(prompts: TokenizerPrompts, context: int, seed: int) -> list[dict[str, str]]:
+    """A prompt of exactly ``context`` tokens; a seed whose cut does not converge gives way to the next."""
+    for attempt in range(4):
+        try:
+            return prompts.messages(context, seed + 10_000 * attempt)
+        except RuntimeError:
+            if attempt == 3:
+                raise
+
+
 async def measure_load(endpoint: ChatEndpoint, prompts: TokenizerPrompts, context: int, streams: int,
                        decode_tokens: int, repeats: int, seed: int) -> LoadResult:
     rates, aggregates, ttfts, errors = [], [], [], []
     async with make_http_client(streams, endpoint) as client:
         for repeat in range(repeats):
-            batch = [prompts.messages(context, seed + repeat * 100 + i) for i in range(streams)]
+            batch = [exact_prompt(prompts, context, seed + repeat * 100 + i) for i in range(streams)]
             results = await asyncio.gather(*(stream_chat(client, endpoint, m, decode_tokens) for m in batch))
             errors += [r.error for r in results if not r.ok]
             ok = [r for r in results if r.ok]

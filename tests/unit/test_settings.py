@@ -144,7 +144,7 @@ def kubelet_service_link_env(service: dict, cluster_ip: str) -> dict[str, str]:
 def test_kubernetes_service_links_of_the_shipped_service_are_accepted(monkeypatch):
     import yaml
 
-    service = yaml.safe_load((Path(__file__).parents[2] / "config" / "k8s" / "service.yaml").read_text())
+    service = yaml.safe_load((Path(__file__).parents[2] / "config" / "k8s" / "base" / "service.yaml").read_text())
     injected = kubelet_service_link_env(service, "10.96.0.17")
     assert "LNARIZE_SERVE_SERVICE_PORT" in injected and "LNARIZE_SERVE_PORT_9000_TCP_ADDR" in injected
     for name, value in injected.items():
