@@ -35,6 +35,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def planner_tokens(env: dict[str, str], kv_bytes: int, arm: Arm) -> int | None:
         mode = "bf16"
     spec = args.get("speculative_config") or {}
     argv = [sys.executable, "-m", "lnarize_serve", "plan", "--json", "--model", args["model"],
-            "--kv-memory", str(kv_bytes), "--max-model-len", str(args["max_model_len"]),
+            "--kv-memory", f"{kv_bytes}B", "--max-model-len", str(args["max_model_len"]),
             "--max-num-seqs", str(args["max_num_seqs"]), "--modes", mode,
             "--num-speculative-tokens", str(spec.get("num_speculative_tokens", 0))]
     if args.get("enable_prefix_caching"):
@@ -162,6 +163,14 @@ def planner_tokens(env: dict[str, str], kv_bytes: int, arm: Arm) -> int | None:
         return None
     rows = json.loads(completed.stdout)["rows"]
     return rows[0].get("capacity_tokens") if rows else None
+
+
+class BenchEndpoint(ChatEndpoint):
+    """Keeps special tokens in the text: a random-weight model emits many, and a stream whose tokens are
+    all stripped carries no text chunk to time."""
+
+    def body(self, messages: list[dict[str, str]], max_tokens: int, stream: bool = True) -> dict[str, Any]:
+        return {**super().body(messages, max_tokens, stream), "skip_special_tokens": False}
 
 
 def decode_rate(result: RequestResult) -> float | None:
@@ -268,7 +277,7 @@ def run_arm(arm: Arm, base_env: dict[str, str], args: argparse.Namespace, prompt
         result.engine_load_s = startup.get("lnarize_engine_load_seconds")
         result.warmup_s = startup.get("lnarize_warmup_seconds")
         result.log_facts = read_log_facts(server.log_path)
-        endpoint = ChatEndpoint(base_url=server.base_url, model=args.served_model_name, request_timeout=600)
+        endpoint = BenchEndpoint(base_url=server.base_url, model=args.served_model_name, request_timeout=600)
         first = asyncio.run(first_request(endpoint, prompts, args.decode_tokens))
         result.first_request_tok_s = decode_rate(first)
         before = parse_metrics(httpx.get(metrics_url, timeout=10).text)
@@ -364,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         base_env["LNARIZE_ENGINE_ARGS"] = json.dumps(engine_args)
     prompts = TokenizerPrompts(load_tokenizer(args.model), args.model)
 
+    # A SIGTERM (a wall-clock limit) must not leave a server holding the GPU: it runs in its own session.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     for arm in args.arms:
         print(f"== arm {arm.name}: {arm.settings or 'base settings'}", flush=True)
