@@ -66,7 +66,7 @@ class ServerMetrics:
             "lnarize_engine_load_seconds", "Seconds to build the vLLM engine (0 until loaded)", registry=self.registry
         )
         self.warmup_seconds = Gauge(
-            "lnarize_warmup_seconds", "Seconds the one-token warm-up generation took", registry=self.registry
+            "lnarize_warmup_seconds", "Seconds the warm-up generation (prefill and a few decode steps) took", registry=self.registry
         )
         self.kvtc = KVTCMetrics(self.registry, settings.kvtc_enable)
         self.build_info.info({"version": version, "vllm_version": _vllm_version()})

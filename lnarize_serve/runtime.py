@@ -30,6 +30,24 @@ WATCHDOG_INTERVAL_SECONDS = 0.25
 
 EngineStarter = Callable[["AsyncEngineArgs"], EngineHandle]
 
+# Decode steps the warm-up runs after its prefill (with MTP each one verifies
+# a draft), so kernels compiled on first use (decode attention, KVTC's decode,
+# MTP verification) compile before the first user request.
+WARMUP_DECODE_STEPS = 2
+
+
+def warmup_max_tokens(speculative_tokens: int) -> int:
+    """Tokens the warm-up asks for: the prefill's token plus enough for
+    WARMUP_DECODE_STEPS decode steps even if every draft is accepted."""
+    return 1 + WARMUP_DECODE_STEPS * (speculative_tokens + 1)
+
+
+def warmup_sampling_params(settings: Settings):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=warmup_max_tokens(settings.speculative_tokens),
+                          temperature=0.0, ignore_eos=True)
+
 
 class ServerRuntime:
     def __init__(
@@ -77,7 +95,11 @@ class ServerRuntime:
             self.metrics.kvtc.record_engine(self.engine.vllm_config)
             logger.info("engine built in %.1f s", handle.load_seconds)
             await install_openai_serving(app.state, self.engine, self.settings, engine_args)
-            self._enter(Phase.WARMING, "running a one-token warm-up generation")
+            self._enter(
+                Phase.WARMING,
+                f"running a {warmup_max_tokens(self.settings.speculative_tokens)}-token warm-up "
+                "generation (prefill, decode and MTP verify steps)",
+            )
             warmup_seconds = await self._warm_up()
             self.metrics.warmup_seconds.set(warmup_seconds)
             if self.lifecycle.phase is Phase.WARMING:
@@ -100,15 +122,15 @@ class ServerRuntime:
             self.engine_build_in_progress = False
 
     async def _warm_up(self) -> float:
-        from vllm import SamplingParams
-
         started = time.monotonic()
-        params = SamplingParams(max_tokens=1, temperature=0.0)
+        params = warmup_sampling_params(self.settings)
         produced = 0
         async for output in self.engine.generate("Hello", params, request_id=f"lnarize-warmup-{uuid.uuid4().hex}"):
             produced = len(output.outputs[0].token_ids)
-        if produced < 1:
-            raise RuntimeError("warm-up generation produced no token")
+        if produced < params.max_tokens:
+            raise RuntimeError(
+                f"warm-up generation produced {produced} of {params.max_tokens} tokens"
+            )
         return time.monotonic() - started
 
     # Engine watchdog --------------------------------------------------------------

@@ -93,6 +93,10 @@ class Calibration:
     def layer_indices(self) -> list[int]:
         return sorted(self.layers)
 
+    @property
+    def has_sink_constants(self) -> bool:
+        return bool(self.sink_keys)
+
     def metadata(self) -> dict[str, Any]:
         allocation = {
             str(index): {kind: [[int(b) for b in row if b > 0]
@@ -160,6 +164,30 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CalibrationError(f"{path}: slot layout version {meta.get('layout_version')} "
                                f"does not match this build's {LAYOUT_VERSION}")
     return meta
+
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """What the server needs of a calibration file, from its metadata alone:
+    no tensor is loaded and no torch op runs (the server process must stay
+    free of torch compute and CUDA before vLLM forks its engine)."""
+
+    head_dim: int
+    num_kv_heads: int
+    num_model_layers: int
+    layer_indices: list[int]
+    slot_bytes: int
+    has_sink_constants: bool
+
+    @classmethod
+    def read(cls, path: str | Path) -> "CalibrationSummary":
+        meta = read_metadata(path)
+        try:
+            return cls(int(meta["head_dim"]), int(meta["num_kv_heads"]),
+                       int(meta["num_model_layers"]), sorted(int(i) for i in meta["layer_map"]),
+                       int(meta["slot_bytes"]), bool(meta.get("has_sink_kv")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(f"{path}: incomplete KVTC metadata ({exc})") from None
 
 
 def load_calibration(path: str | Path, device: str | torch.device = "cpu") -> Calibration:
@@ -236,7 +264,8 @@ class ModelGeometry:
                    head_dim, int(head_dim * factor), float(theta))
 
 
-def validate_against_model(calibration: Calibration, geometry: ModelGeometry) -> None:
+def validate_against_model(calibration: Calibration | CalibrationSummary,
+                           geometry: ModelGeometry) -> None:
     """Raise CalibrationError naming the first mismatch with the model."""
     problems = []
     if calibration.head_dim != geometry.head_dim:

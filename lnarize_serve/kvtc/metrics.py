@@ -48,9 +48,9 @@ class KVTCMetrics:
         bf16 = 4 * head_dim
         kvtc = (vllm_config.additional_config or {}).get("lnarize_kvtc")
         if kvtc:
-            from lnarize_serve.kvtc.model_codecs import load_serving_calibration
+            from lnarize_serve.kvtc.calibration import CalibrationSummary
 
-            slot = load_serving_calibration(kvtc["calibration"]).slot_bytes
+            slot = CalibrationSummary.read(kvtc["calibration"]).slot_bytes
             self.exact_sink_tokens.set(kvtc.get("sink_tokens") or 0)
             self.window_tokens.set(kvtc.get("window_tokens") or 0)
         else:

@@ -5,6 +5,13 @@ source (a local file, or a file in the model repo via huggingface_hub),
 converts the shipped pickle format once (through the codec's safe loader) to
 our safetensors format, validates it against the model's config, exports the
 settings for vLLM's processes and installs the backend in this process.
+
+vLLM forks its engine core from this process (its default start method on
+CUDA), so nothing here runs torch compute or touches CUDA: the server reads
+only the calibration's metadata, and a shipped file is converted in a spawned
+helper process. A forked child inherits a torch (OpenMP) thread pool it cannot
+use and hangs at its first parallel op, e.g. vLLM's pinned buffers; the
+workers load and check the tensors themselves.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from lnarize_serve.kvtc.calibration import (
     Calibration,
     CalibrationError,
+    CalibrationSummary,
     ModelGeometry,
-    load_calibration,
     read_metadata,
     validate_against_model,
 )
@@ -133,32 +140,42 @@ def _is_our_format(path: Path) -> bool:
 def prepare_calibration_file(
     path: Path, model_config: dict, model_id: str, converted_dir: Path
 ) -> Path:
-    """Our format, validated against the model; shipped files are converted once."""
+    """Our format, validated against the model (from its metadata); shipped
+    files are converted once, in a helper process."""
     geometry = ModelGeometry.from_config(model_config)
-    if _is_our_format(path):
-        calibration = load_calibration(path)
-        prepared = path
-    else:
-        from lnarize_serve.kvtc.shipped import convert_shipped, load_shipped
-
-        shipped = load_shipped(path)  # the safe loader: refuses foreign pickles
+    prepared = path
+    if not _is_our_format(path):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         prepared = converted_dir / f"kvtc-{digest}.safetensors"
-        if prepared.is_file():
-            calibration = load_calibration(prepared)
-        else:
+        if not prepared.is_file():
             logger.info("converting shipped KVTC calibration %s -> %s", path, prepared)
-            calibration = convert_shipped(shipped, geometry, model_id)
-            calibration.save(prepared)
-    validate_against_model(calibration, geometry)
+            prepared.parent.mkdir(parents=True, exist_ok=True)
+            _convert_in_helper_process(path, geometry, model_id, prepared)
+    validate_against_model(CalibrationSummary.read(prepared), geometry)
     return prepared
 
 
-def resolve_sink_tokens(setting: int | None, calibration: Calibration) -> int:
+def _convert_in_helper_process(path: Path, geometry: ModelGeometry, model_id: str,
+                               out: Path) -> None:
+    """The conversion is torch compute: a spawned process runs it, so this
+    process stays free of torch thread pools (see the module docstring)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lnarize_serve.kvtc.shipped import convert_shipped_file
+
+    with ProcessPoolExecutor(max_workers=1,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        # the safe loader inside refuses foreign pickles; its error comes back here
+        pool.submit(convert_shipped_file, path, geometry, model_id, out).result()
+
+
+def resolve_sink_tokens(setting: int | None,
+                        calibration: Calibration | CalibrationSummary) -> int:
     """LNARIZE_KVTC_SINK_TOKENS against the calibration: unset means 1 when it
     has the position-0 constants (logged either way); 1 without them is an
     error naming the setting."""
-    has_constants = bool(calibration.sink_keys)
+    has_constants = calibration.has_sink_constants
     if setting is None:
         logger.info(
             "KVTC sink: %s (LNARIZE_KVTC_SINK_TOKENS unset; the calibration has %sposition-0 "
@@ -206,7 +223,7 @@ def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngi
         raise KVTCSetupError(
             f"invalid setting LNARIZE_KVTC_CALIBRATION={settings.kvtc_calibration!r}: {exc}"
         ) from None
-    calibration = load_calibration(prepared)
+    calibration = CalibrationSummary.read(prepared)
     sink_tokens = resolve_sink_tokens(settings.kvtc_sink_tokens, calibration)
     runtime = KVTCRuntimeConfig(str(prepared.resolve()), sink_tokens, settings.kvtc_window_tokens)
     runtime.export()
@@ -232,7 +249,8 @@ def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngi
     return runtime
 
 
-def window_pool_bytes(window_tokens: int, max_num_seqs: int, calibration: Calibration) -> int:
+def window_pool_bytes(window_tokens: int, max_num_seqs: int,
+                      calibration: Calibration | CalibrationSummary) -> int:
     """Memory of the exact-window pools (all compressed layers, 16-bit K/V),
     which vLLM's KV budget does not include."""
     if not window_tokens:

@@ -257,3 +257,14 @@ def describe_shipped(shipped: ShippedCalibration) -> dict[str, Any]:
             "head_group_size": shipped.head_group_size, "rope_theta": shipped.rope_theta,
             "sink_tokens": shipped.sink_tokens, "window_tokens": shipped.window_tokens,
             "bit_budgets": {k: sorted(v) for k, v in budgets.items()}}
+
+
+def convert_shipped_file(path: str | Path, geometry: ModelGeometry, model_id: str,
+                         out: str | Path) -> Path:
+    """Convert a shipped file to our format at ``out`` (written atomically)."""
+    calibration = convert_shipped(load_shipped(path), geometry, model_id)
+    out = Path(out)
+    partial = out.with_suffix(".partial")
+    calibration.save(partial)
+    partial.replace(out)
+    return out

@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -68,6 +69,13 @@ from lnarize_serve.kvtc.window import (
     pool_entries,
     pool_window,
 )
+
+
+logger = init_logger(__name__)
+
+# Logged once per process when the first decode/verify rows are served (the
+# server's warm-up should make this appear before "phase=ready").
+FIRST_DECODE_LOG = "KVTC decode path ran: first decode/verify rows served by the compressed cache"
 
 
 def _runtime() -> KVTCRuntimeConfig:
@@ -270,6 +278,7 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         self._layer_sinks: dict[str, SinkConstants | None] = {}
         self._layer_windows: dict[str, LayerWindow] = {}
         self._ops: KVTCOps | None = None
+        self._decode_seen = False
 
     def _index_of(self, layer: AttentionLayer) -> int:
         return layer_index_for(
@@ -374,4 +383,9 @@ class KVTCAttentionImpl(AttentionImpl[KVTCMetadata]):
         )
         rows = result.shape[0]
         output[:rows] = result.reshape(output[:rows].shape).to(output.dtype)
+        if not self._decode_seen:
+            query_lens = meta.query_start_loc_cpu[1:] - meta.query_start_loc_cpu[:-1]
+            if bool(((query_lens > 0) & (query_lens <= DECODE_MAX_QUERY)).any()):
+                self._decode_seen = True
+                logger.info_once(FIRST_DECODE_LOG)
         return output

@@ -50,6 +50,16 @@ def server(tmp_path_factory, server_logs):
     yield from running_server(env, server_logs / "hybrid-mtp.log")
 
 
+def test_warm_up_ran_decode_and_mtp_verify_steps_before_ready(server):
+    """Nothing but the server's own warm-up has run yet: vLLM's counters show
+    its tokens and at least one proposed (and verified) draft."""
+    from lnarize_serve.runtime import warmup_max_tokens
+
+    assert server.metric("vllm:generation_tokens_total") == warmup_max_tokens(3)
+    drafts = server.metric("vllm:spec_decode_num_drafts_total")
+    assert drafts and drafts >= 1, "the warm-up proposed no speculative draft"
+
+
 def test_mtp_speculative_decoding_serves_requests(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
     completion = client.completions.create(
