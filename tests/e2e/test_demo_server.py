@@ -321,7 +321,10 @@ def test_non_stream_disconnect_aborts_the_request(server):
 
 
 def test_sigterm_drains_an_in_flight_stream_and_exits_0(server):
-    body = {**LONG_GENERATION, "max_tokens": 48, "stream": True}
+    # Long enough that the stream is still running while the drain is probed on
+    # a fast CPU (48 tokens finished before the third probe on an AMX Xeon), short
+    # enough to finish well inside the drain timeout on a slow one.
+    body = {**LONG_GENERATION, "max_tokens": 400, "stream": True}
     with httpx.stream("POST", f"{server.url}{CHAT}", json=body, headers=auth(), timeout=120) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
