@@ -126,10 +126,20 @@ class ModelGeometry:
     linear: LinearAttentionGeometry | None = None
     weights_bytes: int | None = None
     source: str = ""
+    # The MTP head's decoder layers: full attention with the target's KV
+    # geometry. vLLM allocates their cache beside the target's whenever MTP
+    # speculative decoding is on (one layer serves every draft position).
+    num_draft_attention_layers: int = 0
 
     @property
     def is_hybrid(self) -> bool:
         return self.linear is not None and self.linear.num_layers > 0
+
+    def attention_layers_allocated(self, num_speculative_tokens: int) -> int:
+        """Full-attention layers vLLM gives a KV cache: the target's, plus the
+        MTP head's while speculative decoding is on."""
+        drafts = self.num_draft_attention_layers if num_speculative_tokens > 0 else 0
+        return self.num_attention_layers + drafts
 
 
 def geometry_from_hf_config(
@@ -166,9 +176,13 @@ def geometry_from_hf_config(
             conv_dtype_bytes=_DTYPE_BYTES.get(model_dtype, 2),
             ssm_dtype_bytes=_DTYPE_BYTES.get(ssm_dtype, 4),
         )
+    # Qwen3.5/3.6 name the MTP depth mtp_num_hidden_layers, Qwen3-Next and
+    # DeepSeek num_nextn_predict_layers.
+    num_draft = int(text.get("mtp_num_hidden_layers") or text.get("num_nextn_predict_layers") or 0)
     return ModelGeometry(
         name=name,
         num_attention_layers=num_full,
+        num_draft_attention_layers=num_draft,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         max_position_embeddings=text.get("max_position_embeddings"),
@@ -182,12 +196,14 @@ def geometry_from_hf_config(
 # Attention -> FFN)); Gated DeltaNet: 48 V heads, 16 QK heads, head dim 128;
 # Gated Attention: 24 Q heads, 4 KV heads, head dim 256, rotary dim 64;
 # context 262,144") and its config.json text_config (full_attention_interval
-# 4, linear_conv_kernel_dim 4, mamba_ssm_dtype "float32", dtype bfloat16).
+# 4, linear_conv_kernel_dim 4, mamba_ssm_dtype "float32", dtype bfloat16,
+# mtp_num_hidden_layers 1).
 # Weights: an estimate for the NVFP4 checkpoint served language-model-only
 # (~27.8B parameters at 4.5 bits in the body + bf16 embeddings and lm_head).
 QWEN36_27B = ModelGeometry(
     name="Qwen3.6-27B (LNARIZE NVFP4)",
     num_attention_layers=16,
+    num_draft_attention_layers=1,
     num_kv_heads=4,
     head_dim=256,
     max_position_embeddings=262144,
@@ -305,6 +321,7 @@ def mode_capacity(
 ) -> ModeCapacity:
     per_head = kv_mode_bytes(mode, geometry.head_dim, kvtc_slot_bytes)
     attn_token_bytes = geometry.num_kv_heads * per_head  # one layer, one token
+    num_attention_layers = geometry.attention_layers_allocated(request.num_speculative_tokens)
     block_size = request.block_size
     blocks_per_request = 0
     if geometry.is_hybrid:
@@ -316,11 +333,9 @@ def mode_capacity(
         block_size = max(
             block_size, align * cdiv(state, align * attn_token_bytes)
         )
-        layers_per_group = min(
-            geometry.num_attention_layers, geometry.linear.num_layers
-        )
+        layers_per_group = min(num_attention_layers, geometry.linear.num_layers)
         num_linear_groups = cdiv(geometry.linear.num_layers, layers_per_group)
-        num_attn_groups = cdiv(geometry.num_attention_layers, layers_per_group)
+        num_attn_groups = cdiv(num_attention_layers, layers_per_group)
         states_per_request = (
             2 + request.num_speculative_tokens
             if request.prefix_caching
@@ -328,7 +343,7 @@ def mode_capacity(
         )
         blocks_per_request += num_linear_groups * states_per_request
     else:
-        layers_per_group = geometry.num_attention_layers
+        layers_per_group = num_attention_layers
         num_attn_groups = 1
     page = block_size * attn_token_bytes
     bytes_per_block = layers_per_group * page
@@ -489,8 +504,11 @@ def run_plan(args: Any) -> int:
 def _run_plan(args: Any) -> int:
     geometry = resolve_geometry(args.model)
     header = [f"model: {geometry.name}  ({geometry.source})"]
+    drafts = geometry.attention_layers_allocated(args.num_speculative_tokens) - geometry.num_attention_layers
     header.append(
-        f"full-attention layers: {geometry.num_attention_layers}, KV heads: "
+        f"full-attention layers: {geometry.num_attention_layers}"
+        + (f" + {drafts} MTP draft" if drafts else "")
+        + f", KV heads: "
         f"{geometry.num_kv_heads}, head_dim: {geometry.head_dim}"
         + (
             f"; linear-attention layers: {geometry.linear.num_layers} "
@@ -523,7 +541,7 @@ def _run_plan(args: Any) -> int:
         max_num_seqs=args.max_num_seqs,
         block_size=args.block_size,
         kernel_block_alignment=args.block_size,
-        num_speculative_tokens=args.num_speculative_tokens if geometry.is_hybrid else 0,
+        num_speculative_tokens=args.num_speculative_tokens,
         prefix_caching=args.prefix_caching,
     )
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())

@@ -78,9 +78,37 @@ def test_hybrid_block_grows_until_one_page_holds_a_linear_state():
     state = geometry.linear.state_bytes_per_layer(3)
     page = row.block_size * 4 * 1024
     assert page >= state > page - 16 * 4 * 1024
-    # 16 attention layers per group: one attention group, three linear groups
-    # holding 1 + 3 speculative states per request each
+    # 16 + 1 MTP draft attention layers per group: one attention group, three
+    # linear groups holding 1 + 3 speculative states per request each
     assert row.blocks_per_request == -(-262144 // row.block_size) + 3 * 4
+
+
+# vLLM 0.32.0 on the H200 (docs/gpu-serving.md), the Qwen3.6-shaped model with
+# kv_cache_memory_bytes 64 GiB, max_model_len 65,856, 16 sequences, MTP n=3,
+# prefix caching; KVTC with 3-bit keys and values (192-byte slots). These are
+# the "GPU KV cache size" lines vLLM logged.
+H200_LOGGED_CAPACITY = {"bf16": 828_576, "fp8": 1_424_569, "kvtc": 2_625_742}
+
+
+@pytest.mark.parametrize("mode", sorted(H200_LOGGED_CAPACITY))
+def test_plan_equals_the_capacity_vllm_logged_on_the_h200(mode):
+    request = plan.PlanRequest(
+        kv_memory_bytes=64 * plan.GIB, max_model_len=65_856, max_num_seqs=16,
+        num_speculative_tokens=3, prefix_caching=True,
+    )
+    row = plan.mode_capacity(plan.QWEN36_27B, request, mode, kvtc_slot_bytes=192)
+    assert row.capacity_tokens == H200_LOGGED_CAPACITY[mode]
+
+
+def test_the_mtp_draft_layer_takes_cache_only_while_speculative_decoding_is_on():
+    request = dict(kv_memory_bytes=64 * plan.GIB, max_model_len=65_856, max_num_seqs=16)
+    without = plan.mode_capacity(plan.QWEN36_27B, plan.PlanRequest(**request), "bf16")
+    with_mtp = plan.mode_capacity(
+        plan.QWEN36_27B, plan.PlanRequest(**request, num_speculative_tokens=3), "bf16"
+    )
+    # one more attention layer per group of 16: every block is 17/16 as large
+    assert with_mtp.num_blocks == (64 * plan.GIB) // (17 * with_mtp.block_size * 4 * 1024)
+    assert without.num_blocks == (64 * plan.GIB) // (16 * without.block_size * 4 * 1024)
 
 
 def test_geometry_from_a_hybrid_hf_config_counts_only_full_attention_layers():
@@ -96,6 +124,7 @@ def test_geometry_from_a_hybrid_hf_config_counts_only_full_attention_layers():
     }
     geometry = plan.geometry_from_hf_config(config)
     assert geometry.num_attention_layers == 2
+    assert geometry.num_draft_attention_layers == 0
     assert geometry.linear.num_layers == 6
     assert geometry.linear.state_bytes_per_layer() == (
         48 * 128 * 128 * 4 + (2 * 16 * 128 + 48 * 128) * 3 * 2
@@ -143,3 +172,10 @@ def test_bad_plan_arguments_are_one_line_and_exit_2(arguments, message, capsys):
     assert len(lines) == 1 and lines[0].startswith("lnarize-serve plan: "), captured.err
     assert message in lines[0]
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("key", ["mtp_num_hidden_layers", "num_nextn_predict_layers"])
+def test_geometry_reads_the_mtp_depth_under_either_name(key):
+    config = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "head_dim": 64, "hidden_size": 512, key: 1}
+    assert plan.geometry_from_hf_config(config).num_draft_attention_layers == 1

@@ -43,6 +43,7 @@ def test_transformers_reads_the_config_as_qwen3_5(tmp_path):
 def test_the_planner_sees_the_built_in_qwen36_geometry():
     geometry = plan.geometry_from_hf_config(qwen36_shaped.config_dict(), name="qwen36-shaped")
     assert geometry.num_attention_layers == plan.QWEN36_27B.num_attention_layers == 16
+    assert geometry.num_draft_attention_layers == plan.QWEN36_27B.num_draft_attention_layers == 1
     assert geometry.num_kv_heads == plan.QWEN36_27B.num_kv_heads
     assert geometry.head_dim == plan.QWEN36_27B.head_dim
     assert geometry.max_position_embeddings == plan.QWEN36_27B.max_position_embeddings

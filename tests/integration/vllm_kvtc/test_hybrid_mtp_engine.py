@@ -11,6 +11,8 @@ MTP + prefix caching on a hybrid model hits a Triton-only vLLM kernel.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lnarize_serve.kvtc import engine_compare as ec
@@ -79,3 +81,34 @@ def test_mtp_verification_over_the_compressed_cache(hybrid):
     # every step verified 4 tokens and rejected the drafts, so this covers
     # verification rows over the compressed cache, not multi-token acceptance.
     assert _counter(metrics, "vllm:spec_decode_num_accepted_tokens") >= 0
+
+
+def test_plan_counts_the_mtp_draft_layer_the_way_the_engine_allocates(hybrid):
+    """vLLM caches the MTP head's attention layer beside the target's; the
+    planner's figure for this engine must be the engine's own."""
+    from lnarize_serve import plan
+    from lnarize_serve.kvtc.calibration import load_calibration
+
+    model_dir, calibration, _ = hybrid
+    spec, _ = ec.build_llm(model_dir, calibration, speculative_config=MTP, **ENGINE)
+    try:
+        reported = ec.capacity_tokens(spec)
+        # vLLM-CPU stores the Gated DeltaNet state in float32 on CPUs with
+        # AVX-512 BF16 (its accelerated GDN kernels), in the model dtype elsewhere
+        ssm_dtype = spec.llm_engine.vllm_config.cache_config.mamba_ssm_cache_dtype
+    finally:
+        ec.release(spec)
+    geometry = plan.resolve_geometry(model_dir)
+    assert geometry.num_draft_attention_layers == 1
+    if ssm_dtype == "float32":
+        geometry = dataclasses.replace(
+            geometry, linear=dataclasses.replace(geometry.linear, ssm_dtype_bytes=4))
+    slot_bytes = load_calibration(calibration).slot_bytes
+    request = plan.PlanRequest(
+        kv_memory_bytes=plan.GIB,  # VLLM_CPU_KVCACHE_SPACE=1 (conftest)
+        max_model_len=ENGINE["max_model_len"], max_num_seqs=4,
+        block_size=128, kernel_block_alignment=128, num_speculative_tokens=3,
+    )
+    assert plan.mode_capacity(geometry, request, "kvtc", slot_bytes).capacity_tokens == reported
+    without_draft = dataclasses.replace(geometry, num_draft_attention_layers=0)
+    assert plan.mode_capacity(without_draft, request, "kvtc", slot_bytes).capacity_tokens != reported
