@@ -59,7 +59,13 @@ LOG_FACTS = {
     "available_kv_gib": re.compile(r"Available KV cache memory: ([\d.]+) GiB"),
     "attention_backend": re.compile(r"Using (\w+) (?:attention )?backend"),
     "cudagraph_mode": re.compile(r"cudagraph_mode['\"]?[:=] ?<?(?:CUDAGraphMode\.)?(\w+)"),
+    # vLLM switches the engine core to `spawn` when CUDA was initialised in the
+    # server process before the engine started (fork is the default).
+    "spawn_forced": re.compile(r"We must use the `spawn` multiprocessing start method.*?Reasons?: ([^\n]*)"),
 }
+# The KVTC backend's once-per-process line when it first serves decode rows; a
+# warm-up with a decode step logs it before the server reports ready.
+KVTC_FIRST_DECODE = "KVTC decode path ran"
 
 
 @dataclass
@@ -91,6 +97,7 @@ class ArmResult:
     engine_load_s: float | None = None
     warmup_s: float | None = None
     first_request_tok_s: float | None = None
+    kvtc_decode_before_ready: bool | None = None
     log_facts: dict[str, Any] = field(default_factory=dict)
     plan_tokens: int | None = None
     plan_exact: bool = False
@@ -273,6 +280,9 @@ def run_arm(arm: Arm, base_env: dict[str, str], args: argparse.Namespace, prompt
     metrics_url = f"http://127.0.0.1:{server.port}/metrics"
     try:
         wait_ready(server, result, args.start_timeout)
+        if env.get("LNARIZE_KVTC_ENABLE", "").lower() in ("1", "true", "yes", "on"):
+            log_at_ready = server.log_path.read_text(errors="replace") if server.log_path.is_file() else ""
+            result.kvtc_decode_before_ready = KVTC_FIRST_DECODE in log_at_ready
         startup = parse_metrics(httpx.get(metrics_url, timeout=10).text)
         result.engine_load_s = startup.get("lnarize_engine_load_seconds")
         result.warmup_s = startup.get("lnarize_warmup_seconds")
@@ -312,6 +322,8 @@ def run_arm(arm: Arm, base_env: dict[str, str], args: argparse.Namespace, prompt
 def fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
@@ -319,14 +331,22 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def start_method(result: ArmResult) -> str:
+    forced = result.log_facts.get("spawn_forced")
+    if forced is not None:
+        return f"spawn ({forced.strip()[:60]})"
+    return "fork" if result.ready_s is not None else "-"
+
+
 def markdown(results: list[ArmResult]) -> str:
     lines = ["| arm | ready s | engine s | warm-up s | first request tok/s | vLLM KV tokens | plan tokens | graphs "
-             "| MTP accept | tok/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| engine start | KVTC decode warmed | MTP accept | tok/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         plan = fmt(r.plan_tokens) + ("" if r.plan_exact or r.plan_tokens is None else " (≈)")
         lines.append(f"| {r.arm} | {fmt(r.ready_s)} | {fmt(r.engine_load_s)} | {fmt(r.warmup_s, 2)} | {fmt(r.first_request_tok_s)} | "
                      f"{fmt(r.log_facts.get('kv_cache_tokens'))} | {plan} | {r.log_facts.get('cudagraph_mode', '-')} | "
+                     f"{start_method(r)} | {fmt(r.kvtc_decode_before_ready)} | "
                      f"{fmt(r.mtp.get('acceptance'), 3)} | {fmt(r.mtp.get('tokens_per_step'), 2)} |")
     lines += ["", "| arm | context | streams | decode tok/s per stream | aggregate tok/s | TTFT ms | errors |",
               "|---|---|---|---|---|---|---|"]

@@ -51,8 +51,12 @@ def test_log_facts_read_vllms_own_lines(tmp_path):
         "Maximum concurrency for 4,096 tokens per request: 24961.23x\n"
         "INFO Initializing a V1 LLM engine with config: compilation_config={'cudagraph_mode': "
         "<CUDAGraphMode.FULL_AND_PIECEWISE: (2, 1)>}\n"
+        "WARNING [system_utils.py:152] We must use the `spawn` multiprocessing start method. Overriding "
+        "VLLM_WORKER_MULTIPROC_METHOD to 'spawn'. See https://docs.vllm.ai/... for more information. "
+        "Reasons: CUDA is initialized\n"
     )
     facts = read_log_facts(log)
+    assert facts["spawn_forced"] == "CUDA is initialized"
     assert facts["kv_cache_tokens"] == 102_241_180
     assert facts["available_kv_gib"] == "97.43"
     assert facts["cudagraph_mode"] == "FULL_AND_PIECEWISE"
@@ -72,5 +76,9 @@ def test_table_shows_every_arm_and_load():
     failed = ArmResult("kvtc", {"LNARIZE_KVTC_ENABLE": "1"}, error="exited with 1 before ready:\nTraceback")
     table = markdown([ok, failed])
     assert "| bf16 | 190.0 |" in table and "| 180.0 | 1,000 | 1,000 |" in table
+    assert "| fork | - |" in table
+    spawned = ArmResult("kvtc", {}, ready_s=100.0, kvtc_decode_before_ready=True,
+                        log_facts={"spawn_forced": "CUDA is initialized"})
+    assert "| spawn (CUDA is initialized) | yes |" in markdown([spawned])
     assert "| bf16 | 1,024 | 1 | 200.0 | 200.0 | 50.0 | 0 |" in table
     assert "| kvtc | failed: exited with 1 before ready: |" in table
