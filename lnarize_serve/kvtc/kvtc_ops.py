@@ -67,7 +67,7 @@ class TorchReferenceOps:
 
 
 class TritonOps(TorchReferenceOps):
-    """The kernels issue's Triton ops for write and decode (CUDA)."""
+    """The Triton write and decode ops of the KVTC kernels (CUDA)."""
 
     def __init__(self) -> None:
         from lnarize_serve.kvtc import kernels

@@ -1,5 +1,5 @@
 """Shared fixtures of the KVTC-in-vLLM integration tests: calibrations fitted
-on the spot (the CI fixture the issue asks for) and the engine settings.
+on the spot (so CI needs no downloaded calibration) and the engine settings.
 
 Engines are vLLM ``LLM`` objects built in the test process; their engine core
 and worker are spawned processes, which load the KVTC plugin from the
