@@ -61,9 +61,23 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = _load_or_exit(args)
+    _check_launch_or_exit(settings)
     from lnarize_serve.server import serve
 
     return serve(settings)
+
+
+def _check_launch_or_exit(settings: Settings) -> None:
+    """Before the server starts: explicit settings the checkpoint contradicts
+    (its config.json from a local folder, the cache or the Hub) end the start
+    with exit code 2."""
+    from lnarize_serve.engine import model_location_preview, resolve_launch
+
+    try:
+        resolve_launch(settings, model_location_preview(settings), online=True)
+    except ConfigError as exc:
+        print(f"lnarize-serve: configuration error\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # config --------------------------------------------------------------------------
@@ -75,14 +89,18 @@ def configure_config(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run_config)
 
 
-def describe_configuration(settings: Settings) -> dict[str, Any]:
-    from lnarize_serve.engine import check_kvtc_supported, model_location_preview
+def describe_configuration(settings: Settings, probe: Any = None) -> dict[str, Any]:
+    from lnarize_serve.engine import check_kvtc_supported, model_location_preview, resolve_launch
     from lnarize_serve.engine_args import engine_arg_values
 
     check_kvtc_supported(settings)
-    engine_values = engine_arg_values(settings, model_location_preview(settings))
+    location = model_location_preview(settings)
+    # Offline-safe: the checkpoint's config from the cache, never the Hub.
+    launch = resolve_launch(settings, location, online=False, probe=probe)
+    engine_values = engine_arg_values(settings, location, launch)
     return {
-        "settings": settings.masked_dump(),
+        "settings": launch.settings.masked_dump(),
+        "launch": launch.describe(),
         "engine": {
             "quantization": engine_values["quantization"] or "auto (from the checkpoint)",
             "speculative_decoding": engine_values["speculative_config"] or "off",
@@ -114,6 +132,12 @@ def run_config(args: argparse.Namespace) -> int:
     print("# Effective settings (profile preset + LNARIZE_* environment + flags; secrets masked)")
     for key, value in description["settings"].items():
         print(f"{key}={_env_value(value)}")
+    print("\n# Checkpoint family and GPU preset (and what each changed, why)")
+    launch = description["launch"]
+    print(f"family: {launch['family']}")
+    print(f"gpu_profile: {launch['gpu_profile']}")
+    for line in launch["choices"]:
+        print(f"  {line}")
     print("\n# Engine shape")
     for key, value in description["engine"].items():
         print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")

@@ -11,8 +11,13 @@ from lnarize_serve.engine_args import build_engine_args
 from lnarize_serve.settings import DEMO_MODEL_ID, ConfigError, Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from lnarize_serve.gpu import GpuFacts
+    from lnarize_serve.launch import LaunchPlan
 
 logger = logging.getLogger("lnarize_serve.engine")
 
@@ -46,6 +51,33 @@ def resolve_model_location(settings: Settings) -> str:
     return str(ensure_demo_model(cache_dir=settings.cache_dir))
 
 
+def resolve_launch(
+    settings: Settings,
+    location: str,
+    online: bool,
+    probe: Callable[[], GpuFacts | None] | None = None,
+) -> LaunchPlan:
+    """Family + GPU preset for this start: reads the checkpoint's config
+    (local folder or HF cache; the Hub only when ``online``) and probes the GPU.
+    Without the config, the preset's assumptions stand and the plan says so."""
+    from lnarize_serve.family import CheckpointError, CheckpointUnavailable, read_checkpoint
+    from lnarize_serve.gpu import probe_gpu
+    from lnarize_serve.launch import plan_launch
+
+    cache = settings.cache_dir / "hub" if settings.cache_dir else None
+    note = ""
+    try:
+        facts = read_checkpoint(location, settings.revision, cache, online=online)
+    except CheckpointUnavailable as exc:
+        facts, note = None, f"checkpoint config unavailable ({exc}): showing the preset's assumptions"
+    except CheckpointError as exc:
+        raise ConfigError(f"LNARIZE_MODEL={settings.model}: {exc}") from None
+    if facts is None and not note:
+        where = "not converted yet" if settings.model == DEMO_MODEL_ID else "not in the Hugging Face cache"
+        note = f"checkpoint config {where}: showing the preset's assumptions"
+    return plan_launch(settings, facts, (probe or probe_gpu)(), checkpoint_note=note)
+
+
 @dataclass(frozen=True)
 class EngineHandle:
     engine: AsyncLLM
@@ -65,10 +97,17 @@ def with_demo_kvtc_calibration(settings: Settings) -> Settings:
 
 
 def prepare_engine_args(settings: Settings) -> AsyncEngineArgs:
+    import os
+
     check_kvtc_supported(settings)
     location = resolve_model_location(settings)
     settings = with_demo_kvtc_calibration(settings)
-    engine_args = build_engine_args(settings, location)
+    launch = resolve_launch(settings, location, online=True)
+    for name, value in launch.environment.items():
+        # The engine processes inherit it; an operator's own value wins.
+        os.environ.setdefault(name, value)
+    settings = launch.settings
+    engine_args = build_engine_args(settings, location, launch)
     if settings.kvtc_enable:
         from lnarize_serve.kvtc.serving_setup import KVTCSetupError, install_kvtc
 

@@ -14,6 +14,8 @@ from lnarize_serve.settings import SPECULATIVE_METHOD, Settings
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    from lnarize_serve.launch import LaunchPlan
+
 
 def speculative_config(settings: Settings) -> dict[str, Any] | None:
     if not settings.speculative_enabled:
@@ -21,8 +23,17 @@ def speculative_config(settings: Settings) -> dict[str, Any] | None:
     return {"method": SPECULATIVE_METHOD, "num_speculative_tokens": settings.speculative_tokens}
 
 
-def engine_arg_values(settings: Settings, model_location: str | None = None) -> dict[str, Any]:
-    """The keyword arguments for AsyncEngineArgs, as plain data (printable by `config`)."""
+def engine_arg_values(
+    settings: Settings, model_location: str | None = None, launch: LaunchPlan | None = None
+) -> dict[str, Any]:
+    """The keyword arguments for AsyncEngineArgs, as plain data (printable by `config`).
+
+    ``launch`` (family + GPU preset, launch.py) replaces the settings with its
+    adapted ones and adds its engine arguments; the KVTC backend and
+    LNARIZE_ENGINE_ARGS still override them.
+    """
+    if launch is not None:
+        settings = launch.settings
     values: dict[str, Any] = {
         "model": model_location or settings.model,
         "revision": settings.revision,
@@ -46,6 +57,8 @@ def engine_arg_values(settings: Settings, model_location: str | None = None) -> 
         "disable_log_stats": False,
         "enable_log_requests": False,
     }
+    if launch is not None:
+        values.update(launch.engine_args)
     from lnarize_serve.kvtc.serving_setup import kvtc_engine_arg_values
 
     values.update(kvtc_engine_arg_values(settings))
@@ -53,7 +66,9 @@ def engine_arg_values(settings: Settings, model_location: str | None = None) -> 
     return values
 
 
-def build_engine_args(settings: Settings, model_location: str | None = None) -> AsyncEngineArgs:
+def build_engine_args(
+    settings: Settings, model_location: str | None = None, launch: LaunchPlan | None = None
+) -> AsyncEngineArgs:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    return AsyncEngineArgs(**engine_arg_values(settings, model_location))
+    return AsyncEngineArgs(**engine_arg_values(settings, model_location, launch))

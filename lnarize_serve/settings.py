@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -153,6 +153,19 @@ class Settings(BaseSettings):
         description="Most recent tokens of each sequence KVTC also keeps exact, in a small pool "
         "outside vLLM's cache (max_num_seqs x (window + 48) tokens per layer); 0 = none.",
     )
+    gpu_profile: Literal["auto", "sm120", "b200", "gb10", "hopper", "none"] = Field(
+        "auto",
+        description="Hardware preset: auto (from the GPU at hand), sm120 (RTX PRO 6000 / 5090), b200 (SM100), "
+        "gb10 (DGX Spark, unified memory), hopper (H100/H200, NVFP4 via Marlin) or none.",
+    )
+    preflight: Literal["enforce", "warn"] = Field(
+        "enforce",
+        description="Start-up checks of GPU, architecture and memory plan before any download: "
+        "enforce (refuse with exit 2) or warn (log and continue).",
+    )
+    # Names of the settings given explicitly (env or flag, not the preset or a
+    # default): only those may contradict the checkpoint or a hardware preset.
+    _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @classmethod
     def settings_customise_sources(
@@ -269,6 +282,11 @@ class Settings(BaseSettings):
     # Presentation -----------------------------------------------------------------
 
     @property
+    def explicitly_set(self) -> frozenset[str]:
+        """Settings given by an LNARIZE_* variable or a flag (not by the preset or a default)."""
+        return self._explicit
+
+    @property
     def speculative_enabled(self) -> bool:
         return self.speculative_tokens > 0
 
@@ -356,7 +374,11 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(
             "\n".join(f"unknown setting {name}: no such LNARIZE_ variable (see `lnarize-serve config --help`)" for name in unknown)
         )
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**given)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    environ = {key.upper() for key in os.environ}
+    settings._explicit = frozenset(n for n in Settings.model_fields if n in given or env_name(n) in environ)
+    return settings
