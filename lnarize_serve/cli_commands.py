@@ -68,16 +68,28 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _check_launch_or_exit(settings: Settings) -> None:
-    """Before the server starts: explicit settings the checkpoint contradicts
-    (its config.json from a local folder, the cache or the Hub) end the start
-    with exit code 2."""
+    """Before the server starts and before any weight download: explicit
+    settings the checkpoint contradicts (its config.json from a local folder,
+    the cache or the Hub), and the preflight (GPU, architecture, memory plan),
+    end the start with exit code 2 (LNARIZE_PREFLIGHT=warn: preflight warns)."""
     from lnarize_serve.engine import model_location_preview, resolve_launch
+    from lnarize_serve.preflight import run_preflight
 
+    location = model_location_preview(settings)
     try:
-        resolve_launch(settings, model_location_preview(settings), online=True)
+        launch = resolve_launch(settings, location, online=True)
     except ConfigError as exc:
         print(f"lnarize-serve: configuration error\n{exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    problems = run_preflight(launch, location, online=True)
+    if settings.preflight == "warn":
+        for problem in problems:
+            print(f"lnarize-serve: preflight warning (LNARIZE_PREFLIGHT=warn): {problem}", file=sys.stderr)
+        return
+    if problems:
+        for problem in problems:
+            print(f"lnarize-serve: preflight: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 # config --------------------------------------------------------------------------
