@@ -181,3 +181,15 @@ def test_serve_refuses_in_one_line_and_exit_2(gpu, profile, expected, tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("lnarize-serve")]
     assert result.returncode == 2, result.stderr
     assert len(ours) == 1 and ours[0].startswith("lnarize-serve: preflight: ") and expected in ours[0], ours
+
+
+def test_serve_md_quotes_the_preflight_line_and_lists_every_gpu_preset(monkeypatch):
+    from lnarize_serve.gpu import GPU_PROFILES
+
+    serve_md = (REPO / "SERVE.md").read_text()
+    monkeypatch.setenv("LNARIZE_PROFILE", "long-context")
+    (line,) = problems_for(H100)
+    assert f"lnarize-serve: preflight: {line}" in serve_md
+    section = serve_md.split("| GPU (`LNARIZE_GPU_PROFILE`) |", 1)[1].split("\n\n", 1)[0]
+    rows = [row.split("|")[1].strip().strip("`") for row in section.splitlines()[2:]]
+    assert rows == list(GPU_PROFILES)
