@@ -41,8 +41,9 @@ GPU_BLOCK_SIZE = 16
 # format on. NVFP4: vLLM's Marlin W4A16 path on Ampere and Hopper, native FP4
 # tensor cores on SM100 / SM120 (vLLM 0.32's ModelOptNvFp4Config accepts SM75
 # too, but the family's bfloat16 activations need SM80). FP8 (vLLM's
-# ModelOptFp8Config minimum) and GPTQ-packed int4: Marlin, SM80.
-WEIGHT_MIN_SM = {"nvfp4": 80, "fp8": 80, "int4": 80}
+# ModelOptFp8Config minimum): SM80. GPTQ-packed int4 (AutoRound loads as
+# vLLM's "inc"): SM60, vLLM's INCConfig minimum (Marlin from SM80).
+WEIGHT_MIN_SM = {"nvfp4": 80, "fp8": 80, "int4": 60}
 WEIGHT_NAMES = {"nvfp4": "NVFP4", "fp8": "FP8", "int4": "int4 (GPTQ/AutoRound)"}
 # bfloat16 activations need Ampere (SM80) or newer; float16 runs from SM70.
 BF16_MIN_SM = 80
@@ -80,7 +81,7 @@ def architecture_problems(launch: LaunchPlan, gpu: GpuFacts) -> list[str]:
     if gpu.sm < needed:
         return [
             f"{gpu.describe()} cannot run {WEIGHT_NAMES[weights]} weights: they need SM >= {_sm_text(needed)} "
-            "(vLLM's Marlin kernels; native NVFP4 on SM 10.0 / 12.0): use a newer GPU"
+            "(vLLM's minimum for them; native NVFP4 on SM 10.0 / 12.0): use a newer GPU"
         ]
     if _activation_dtype(settings, launch) == "bfloat16" and gpu.sm < BF16_MIN_SM:
         return [

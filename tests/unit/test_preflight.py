@@ -100,6 +100,12 @@ def test_a_plan_nothing_rescues_says_so(monkeypatch):
     assert int(line.rsplit("=", 1)[1]) > 16384
 
 
+def test_int4_autoround_runs_on_turing_in_float16():
+    # The int4 card's --dtype half (applied by the family) and vLLM's INC minimum SM 6.0.
+    problems = problems_for(T4_48, weights=18 * GIB, checkpoint=detect_checkpoint(family_configs.vlm_int4_autoround_mtp()))
+    assert not any("SM >=" in p or "bfloat16" in p for p in problems), problems
+
+
 def test_no_gpu_and_an_old_driver_are_one_line_each():
     (line,) = problems_for(None)
     assert line.startswith("no NVIDIA GPU found") and "cpu-demo" in line
