@@ -57,6 +57,10 @@ def engine_arg_values(
         "disable_log_stats": False,
         "enable_log_requests": False,
     }
+    if settings.sampling_defaults:
+        # vLLM merges it over generation_config.json into its default sampling
+        # parameters; a request's own values still win.
+        values["override_generation_config"] = dict(settings.sampling_defaults)
     if launch is not None:
         values.update(launch.engine_args)
     from lnarize_serve.kvtc.serving_setup import kvtc_engine_arg_values

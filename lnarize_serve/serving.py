@@ -66,6 +66,9 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     # Usage in every final streaming chunk only when the client asks for it
     # (stream_options.include_usage), as in OpenAI's API.
     namespace.enable_force_include_usage = False
+    if settings.thinking_default is not None:
+        # Defaults under a request's own chat_template_kwargs (vLLM merges them).
+        namespace.default_chat_template_kwargs = {"enable_thinking": settings.thinking_default}
     validate_parsed_serve_args(namespace)
     return namespace
 

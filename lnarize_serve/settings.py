@@ -52,7 +52,22 @@ MANAGED_ENGINE_ARGS: dict[str, str] = {
     "enable_prefix_caching": "LNARIZE_ENABLE_PREFIX_CACHING",
     "download_dir": "LNARIZE_CACHE_DIR",
     "dtype": "LNARIZE_DTYPE",
+    "override_generation_config": "LNARIZE_SAMPLING_DEFAULTS",
 }
+
+
+# The generation_config.json keys vLLM turns into default sampling
+# parameters (ModelConfig.get_diff_sampling_param).
+SAMPLING_DEFAULT_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_new_tokens",
+)
 
 
 class ConfigError(Exception):
@@ -163,6 +178,17 @@ class Settings(BaseSettings):
         description="Start-up checks of GPU, architecture and memory plan before any download: "
         "enforce (refuse with exit 2) or warn (log and continue).",
     )
+    sampling_defaults: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description="JSON object of default sampling parameters (temperature, top_p, top_k, min_p, "
+        "repetition_penalty, presence_penalty, frequency_penalty, max_new_tokens) over the checkpoint's "
+        "generation_config.json; a request's own values win.",
+    )
+    thinking_default: bool | None = Field(
+        None,
+        description="Server-wide default of the chat template's enable_thinking (a request's "
+        "chat_template_kwargs win); unset: the template's own default.",
+    )
     # Names of the settings given explicitly (env or flag, not the preset or a
     # default): only those may contradict the checkpoint or a hardware preset.
     _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
@@ -242,6 +268,33 @@ class Settings(BaseSettings):
         allowed = ("auto", "bfloat16", "float16", "float32", "half", "float")
         if value not in allowed:
             raise ValueError(f"unknown dtype {value!r}; allowed: {', '.join(allowed)}")
+        return value
+
+    @field_validator("thinking_default", mode="before")
+    @classmethod
+    def _blank_bool_is_none(cls, value: Any) -> Any:
+        return _none_if_blank(value)
+
+    @field_validator("sampling_defaults", mode="before")
+    @classmethod
+    def _parse_sampling_defaults(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object of sampling parameters")
+        return value
+
+    @field_validator("sampling_defaults")
+    @classmethod
+    def _known_sampling_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(SAMPLING_DEFAULT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; allowed: {', '.join(SAMPLING_DEFAULT_KEYS)}")
         return value
 
     @field_validator("engine_args", mode="before")
