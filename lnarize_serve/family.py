@@ -234,7 +234,12 @@ def read_checkpoint(
     config_path = _hub_file(model, "config.json", revision, cache_dir, online)
     if config_path is None:
         return None
-    quant_path = _hub_file(model, "hf_quant_config.json", revision, cache_dir, online)
+    try:
+        quant_path = _hub_file(model, "hf_quant_config.json", revision, cache_dir, online)
+    except CheckpointUnavailable:
+        # Optional (ModelOpt repeats it in config.json): a cached config.json
+        # is enough when the Hub cannot be asked.
+        quant_path = None
     quant = _read_json(quant_path) if quant_path else None
     return detect_checkpoint(_read_json(config_path), quant, source=str(config_path))
 

@@ -86,6 +86,19 @@ def test_hub_repo_is_read_from_the_cache_only_unless_online_is_allowed(tmp_path,
     facts = read_checkpoint("org/model", cache_dir=tmp_path)
     assert facts is not None and facts.family == "vlm-int4-mtp"
     assert read_checkpoint("org/other", cache_dir=tmp_path) is None
+    # Online allowed but the Hub unreachable: the cached config still decides,
+    # without the optional hf_quant_config.json (no network here: faked).
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def unreachable(*args, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(*args, local_files_only=True, **kwargs)
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    assert read_checkpoint("org/model", cache_dir=tmp_path, online=True).family == "vlm-int4-mtp"
 
 
 def test_explicit_quantization_contradicting_the_checkpoint_names_both(monkeypatch):
