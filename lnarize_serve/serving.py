@@ -46,6 +46,9 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from lnarize_serve.vllm_choices import register_project_tool_parsers
+
+    register_project_tool_parsers()
     namespace = make_arg_parser(FlexibleArgumentParser()).parse_args([])
     # Folds reasoning_parser into structured_outputs_config, where the serving
     # classes read it (idempotent; vLLM does the same when building the engine).

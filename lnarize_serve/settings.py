@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     reasoning_parser: str | None = Field(
         "qwen3", description="vLLM reasoning parser that splits reasoning_content ('none' disables)."
     )
-    tool_call_parser: str | None = Field("qwen3_xml", description="vLLM tool-call parser for 'tools' ('none' disables).")
+    tool_call_parser: str | None = Field("qwen3_xml_schema", description="Tool-call parser for 'tools': one of vLLM's, or qwen3_xml_schema (vLLM's qwen3_xml with arguments fitted to the tool's schema); 'none' disables.")
     enable_auto_tool_choice: bool = Field(True, description="Allow tool_choice='auto' (needs a tool-call parser).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     cache_dir: Path | None = Field(

@@ -28,10 +28,23 @@ def engine_arg_names() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs) if not f.name.startswith("_"))
 
 
+# The project's own tool-call parsers: name -> (module, class), registered
+# with vLLM lazily (imported only when a server selects one).
+PROJECT_TOOL_PARSERS = {"qwen3_xml_schema": ("lnarize_serve.tool_parsers", "Qwen3XmlSchemaToolParser")}
+
+
+def register_project_tool_parsers() -> None:
+    from vllm.tool_parsers import ToolParserManager
+
+    for name, (module, class_name) in PROJECT_TOOL_PARSERS.items():
+        ToolParserManager.register_lazy_module(name, module, class_name)
+
+
 @cache
 def tool_call_parsers() -> tuple[str, ...]:
     from vllm.tool_parsers import ToolParserManager
 
+    register_project_tool_parsers()
     return tuple(ToolParserManager.list_registered())
 
 
