@@ -154,6 +154,42 @@ def test_unexpected_errors_leak_nothing(loading_app, client_of):
     assert "error_id=" in error["message"]
 
 
+@pytest.mark.parametrize("exc_class", [ValueError, TypeError])
+def test_server_bugs_are_500_with_an_error_id_not_400(loading_app, client_of, caplog, exc_class):
+    app, starter = loading_app()
+
+    async def buggy():
+        raise exc_class("server-side bug in /srv/internal/code.py")
+
+    app.add_api_route("/buggy", buggy)
+    client = client_of(app, starter)
+    with caplog.at_level("ERROR", logger="lnarize_serve.errors"):
+        response = client.get("/buggy")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "InternalServerError" and error["code"] == 500
+    assert "/srv" not in response.text
+    error_id = error["message"].split("error_id=")[1].rstrip(".")
+    (record,) = [r for r in caplog.records if f"error_id={error_id}" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is exc_class
+
+
+def test_vllm_request_validation_errors_stay_400(loading_app, client_of):
+    from vllm.exceptions import VLLMValidationError
+
+    app, starter = loading_app()
+
+    async def invalid():
+        raise VLLMValidationError("temperature must be >= 0", parameter="temperature", value=-1)
+
+    app.add_api_route("/invalid", invalid)
+    client = client_of(app, starter)
+    response = client.get("/invalid")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "BadRequestError" and error["param"] == "temperature"
+
+
 def test_metrics_while_loading(loading_app, client_of):
     app, starter = loading_app()
     client = client_of(app, starter)
