@@ -190,6 +190,26 @@ def test_vllm_request_validation_errors_stay_400(loading_app, client_of):
     assert error["type"] == "BadRequestError" and error["param"] == "temperature"
 
 
+def test_access_log_line_and_request_id(loading_app, client_of, caplog):
+    app, starter = loading_app()
+    client = client_of(app, starter)
+    with caplog.at_level("INFO", logger="lnarize_serve.access"):
+        sent = client.post("/v1/completions?secret=q", json={"prompt": "body-secret"}, headers={"X-Request-Id": "client-id-1"})
+        generated = client.get("/health/live")
+        forged = client.get("/health/live", headers={"X-Request-Id": "a" * 200})
+    assert sent.headers["x-request-id"] == "client-id-1"
+    assert len(generated.headers["x-request-id"]) == 32
+    assert forged.headers["x-request-id"] != "a" * 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "lnarize_serve.access"]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("POST /v1/completions 503 ")
+    assert lines[0].endswith(" request_id=client-id-1")
+    assert "body-secret" not in lines[0] and "secret=q" not in lines[0]
+    assert lines[1].startswith("GET /health/live 200 ") and generated.headers["x-request-id"] in lines[1]
+    duration = lines[1].split()[3]
+    assert duration.endswith("ms") and float(duration[:-2]) >= 0
+
+
 def test_metrics_while_loading(loading_app, client_of):
     app, starter = loading_app()
     client = client_of(app, starter)
