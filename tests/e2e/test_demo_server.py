@@ -230,6 +230,42 @@ def test_api_key_required_on_v1_only(server):
     assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
+def assert_bad_request(exc_info: pytest.ExceptionInfo, param: str, message_part: str) -> None:
+    error = exc_info.value.body
+    assert exc_info.value.status_code == 400
+    assert error["type"] == "BadRequestError" and error["code"] == 400, error
+    assert error["param"] == param, error
+    assert message_part in error["message"], error
+
+
+def test_unknown_role_is_400(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "wizard", "content": "abracadabra"}], max_tokens=2
+        )
+    assert_bad_request(refused, "messages[0].role", "'wizard'")
+
+
+@pytest.mark.parametrize("n", [129, 1000])
+def test_n_above_the_limit_is_400(client, n):
+    # LNARIZE_MAX_N is at its default, OpenAI's 128.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=GOOD_MESSAGES, n=n, max_tokens=1)
+    assert_bad_request(refused, "n", "128")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="hi", n=n, max_tokens=1)
+    assert_bad_request(refused, "n", "128")
+
+
+@pytest.mark.parametrize("parameters", [{"type": "nonsense"}, {"properties": 5}])
+def test_tool_with_an_invalid_json_schema_is_400(client, parameters):
+    good = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+    bad = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=GOOD_MESSAGES, tools=[good, bad], max_tokens=2)
+    assert_bad_request(refused, "tools[1].function.parameters", "not a valid JSON Schema")
+
+
 def log_lines_during(server, action) -> list[str]:
     """The server log lines written while ``action`` ran (and its access line was flushed)."""
     start = server.log_path.stat().st_size
@@ -243,6 +279,17 @@ def log_lines_during(server, action) -> list[str]:
             return lines
         time.sleep(0.1)
     raise AssertionError(f"no access log line for request id {request_id}:\n{server.log_tail()}")
+
+
+def test_unknown_model_404_is_not_logged_as_an_error(server):
+    def ask_for_an_unknown_model() -> str:
+        body = {"model": "gpt-17", "messages": GOOD_MESSAGES}
+        response = httpx.post(f"{server.url}{CHAT}", json=body, headers={**auth(), "X-Request-Id": "e2e-unknown-model"})
+        assert_openai_error(response, 404, "NotFoundError")
+        return "e2e-unknown-model"
+
+    lines = log_lines_during(server, ask_for_an_unknown_model)
+    assert not [line for line in lines if " ERROR " in line or "Traceback" in line], lines
 
 
 def test_access_log_has_one_line_per_request_without_bodies(server):
