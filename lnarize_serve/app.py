@@ -14,6 +14,7 @@ from lnarize_serve.health import router as health_router
 from lnarize_serve.lifecycle import Lifecycle
 from lnarize_serve.metrics import ServerMetrics, metrics_endpoint
 from lnarize_serve.middleware import (
+    AccessLogMiddleware,
     AdmissionMiddleware,
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
@@ -76,4 +77,5 @@ def create_app(settings: Settings, *, engine_starter: EngineStarter | None = Non
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(InternalErrorShieldMiddleware)
     app.add_middleware(RequestAccountingMiddleware)
+    app.add_middleware(AccessLogMiddleware)
     return app

@@ -1,7 +1,8 @@
 """Pure ASGI middleware (streaming-safe, disconnects pass straight through).
 
-Order, outermost first (see app.create_app): request accounting -> internal
-error shield -> API key -> body size limit -> admission (readiness + in-flight).
+Order, outermost first (see app.create_app): access log -> request accounting
+-> internal error shield -> API key -> body size limit -> admission (readiness
++ in-flight).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
+import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +22,11 @@ from lnarize_serve.health import RETRY_AFTER_SECONDS
 from lnarize_serve.lifecycle import Phase
 
 logger = logging.getLogger("lnarize_serve.middleware")
+access_logger = logging.getLogger("lnarize_serve.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+# A client's id is kept only if it cannot forge or flood a log line.
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 def is_api_path(path: str) -> bool:
@@ -31,6 +39,59 @@ async def send_json_error(send: Send, status: int, message: str, headers: dict[s
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-Id when it is a sane token, else a fresh one."""
+    for name, value in headers:
+        if name.lower() == REQUEST_ID_HEADER:
+            if _CLIENT_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class AccessLogMiddleware:
+    """One line per request on ``lnarize_serve.access``: method, path, status,
+    duration and request id (never the body or the query string).
+
+    The request id is the client's X-Request-Id or a generated one; it is put
+    into the request's headers (vLLM names its engine request after it) and
+    returned in the response's X-Request-Id header.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        request_id = request_id_of(scope["headers"])
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != REQUEST_ID_HEADER]
+        scope = dict(scope, headers=[*headers, (REQUEST_ID_HEADER, request_id.encode())])
+        status = 500
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                message = dict(message, headers=[*response_headers, (REQUEST_ID_HEADER, request_id.encode())])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        finally:
+            access_logger.info(
+                "%s %s %d %.1fms request_id=%s",
+                scope["method"],
+                scope["path"],
+                status,
+                (time.monotonic() - started) * 1000,
+                request_id,
+            )
 
 
 class RequestAccountingMiddleware:

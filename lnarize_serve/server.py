@@ -116,8 +116,8 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         lifespan="on",
         timeout_graceful_shutdown=FINAL_CLOSE_SECONDS,
-        # vLLM's OpenAI routes stream; no per-response buffering anywhere.
-        access_log=settings.log_level == "debug",
+        # Our AccessLogMiddleware writes the access log (with request ids).
+        access_log=False,
     )
     server = DrainingServer(config, runtime)
     runtime.on_stop_during_engine_build = lambda: _terminate_engine_processes_and_exit(

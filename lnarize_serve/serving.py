@@ -78,6 +78,13 @@ async def install_openai_serving(
 ) -> None:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
+    from lnarize_serve.request_checks import CheckedServing
+
     namespace = frontend_args(settings, engine_args)
     supported_tasks = await engine.get_supported_tasks()
     await init_app_state(engine, state, namespace, supported_tasks)
+    # vLLM's routes look these up per request: each request passes our checks first.
+    for name in ("openai_serving_chat", "openai_serving_completion"):
+        handler = getattr(state, name, None)
+        if handler is not None:
+            setattr(state, name, CheckedServing(handler, settings.max_n))

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest accepted request body in bytes (larger: 413)."
     )
+    max_n: int = Field(
+        128, ge=1, le=4096, description="Most choices one request may ask for with 'n' (more: 400, as OpenAI's 128)."
+    )
     # NoDecode: our validator parses the JSON so a syntax error names the variable.
     engine_args: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict,
