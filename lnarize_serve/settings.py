@@ -354,6 +354,12 @@ def format_validation_error(exc: ValidationError) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment (+ profile preset); raise ConfigError with a clear message."""
+    from lnarize_serve.vllm_compat import VllmVersionError, check_vllm_version
+
+    try:
+        check_vllm_version()  # first: the validators below ask vLLM for its choices
+    except VllmVersionError as exc:
+        raise ConfigError(str(exc)) from None
     unknown = unknown_env_vars()
     if unknown:
         raise ConfigError(
