@@ -354,7 +354,6 @@ def chat_roles(body: Any) -> list[Any]:
     return [m.get("role") for m in body["messages"] if isinstance(m, dict)]
 
 
-@pytest.mark.xfail(reason="a message with an unknown or missing role is accepted and rendered (request checks being added)", strict=False)
 def test_unknown_message_roles_are_refused(server, fuzz_run):
     body = {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 1}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=auth(), timeout=REQUEST_TIMEOUT)
@@ -369,7 +368,6 @@ def test_unknown_message_roles_are_refused(server, fuzz_run):
     assert not accepted
 
 
-@pytest.mark.xfail(reason="n is not capped: n=1000 is accepted and runs 1000 sequences (request checks being added)", strict=False)
 def test_huge_n_is_refused(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "n": 1000, "stream": True}
     # Streamed: an accepted request answers 200 at once, and closing it aborts the work.
@@ -380,7 +378,6 @@ def test_huge_n_is_refused(server):
     assert not openai_error_problems(json.loads(payload), 400)
 
 
-@pytest.mark.xfail(reason="some malformed messages get a 400 whose message is a Python TypeError text", strict=False)
 def test_4xx_messages_carry_no_python_exception_text(server, fuzz_run):
     body = {"model": MODEL, "messages": [{"author": {"role": "user"}}], "max_tokens": 1}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=auth(), timeout=REQUEST_TIMEOUT)
