@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import cache
 from typing import get_args
+
+_lookups_enabled: ContextVar[bool] = ContextVar("vllm_lookups_enabled", default=True)
+
+
+def lookups_enabled() -> bool:
+    """False inside ``without_lookups()``: validators then accept any value."""
+    return _lookups_enabled.get()
+
+
+@contextlib.contextmanager
+def without_lookups() -> Iterator[None]:
+    """Validate everything that needs no vLLM import (importing it logs Triton
+    and platform lines, which must not precede a configuration error)."""
+    token = _lookups_enabled.set(False)
+    try:
+        yield
+    finally:
+        _lookups_enabled.reset(token)
 
 
 @cache
