@@ -23,7 +23,7 @@ FATAL_PHASES = frozenset({Phase.DEAD, Phase.FAILED})
 class Lifecycle:
     def __init__(self) -> None:
         self.phase = Phase.LOADING
-        self.detail = "starting the engine"
+        self._detail = "starting the engine"
         self.started_at = time.monotonic()
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -33,7 +33,14 @@ class Lifecycle:
 
     def enter(self, phase: Phase, detail: str = "") -> None:
         self.phase = phase
-        self.detail = detail
+        self._detail = detail
+
+    @property
+    def detail(self) -> str:
+        # Live while draining: the count falls as requests finish.
+        if self.phase is Phase.DRAINING:
+            return f"draining {self.in_flight} in-flight request(s)"
+        return self._detail
 
     @property
     def ready(self) -> bool:
@@ -62,3 +69,4 @@ class Lifecycle:
             return True
         except TimeoutError:
             return False
+
