@@ -28,6 +28,11 @@ class Lifecycle:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set once: every open response ends now with this message (drain
+        # timeout, dead engine); see middleware.ResponseCutMiddleware.
+        self.cut_requested = asyncio.Event()
+        self.cut_message = ""
+        self.cut_reason = ""
 
     # Phase -------------------------------------------------------------------
 
@@ -70,3 +75,10 @@ class Lifecycle:
         except TimeoutError:
             return False
 
+    def cut_open_responses(self, reason: str, message: str) -> None:
+        """End every open (and later) /v1 response with a 503 saying ``message``;
+        ``reason`` is the short cause the log names."""
+        if not self.cut_requested.is_set():
+            self.cut_reason = reason
+            self.cut_message = message
+            self.cut_requested.set()
