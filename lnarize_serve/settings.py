@@ -373,14 +373,16 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(
             "\n".join(f"unknown setting {name}: no such LNARIZE_ variable (see `lnarize-serve config --help`)" for name in unknown)
         )
-    from lnarize_serve.vllm_choices import without_lookups
+    from lnarize_serve.vllm_choices import held_back_vllm_logs, without_lookups
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         # First every check that needs no vLLM import, so that a bad number or
-        # name is reported alone, before vLLM's import-time log lines.
+        # name is reported alone and fast; then vLLM's own lists, with the log
+        # lines its import prints held back unless the settings are valid.
         with without_lookups():
             Settings(**given)
-        return Settings(**given)
+        with held_back_vllm_logs():
+            return Settings(**given)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None

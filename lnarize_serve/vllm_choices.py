@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import logging.handlers
 from collections.abc import Iterator
 from contextvars import ContextVar
 from functools import cache
@@ -26,6 +28,25 @@ def without_lookups() -> Iterator[None]:
         yield
     finally:
         _lookups_enabled.reset(token)
+
+
+@contextlib.contextmanager
+def held_back_vllm_logs() -> Iterator[None]:
+    """vLLM's log records (Triton and platform lines logged when its modules are
+    first imported) are held back until the block ends: emitted if it succeeds,
+    dropped if it raises, so a configuration error is printed alone."""
+    import vllm.logger  # noqa: F401 - sets up vLLM's handlers (logs nothing)
+
+    vllm_logger = logging.getLogger("vllm")
+    handlers, propagate = vllm_logger.handlers[:], vllm_logger.propagate
+    held = logging.handlers.BufferingHandler(capacity=100_000)
+    vllm_logger.handlers, vllm_logger.propagate = [held], False
+    try:
+        yield
+    finally:
+        vllm_logger.handlers, vllm_logger.propagate = handlers, propagate
+    for record in held.buffer:
+        vllm_logger.callHandlers(record)
 
 
 @cache
