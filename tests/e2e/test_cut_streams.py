@@ -88,9 +88,14 @@ def assert_ends_with_503_event(events: list[str], message_part: str) -> None:
 
 
 def ready_detail(server) -> str:
-    response = httpx.get(f"{server.url}/health/ready", timeout=10)
-    assert response.status_code == 503
-    return response.json()["detail"]
+    """Readiness detail once the drain has begun (the signal is handled asynchronously)."""
+    deadline = time.monotonic() + 10
+    while True:
+        body = httpx.get(f"{server.url}/health/ready", timeout=10).json()
+        if body.get("phase") == "draining" or time.monotonic() > deadline:
+            assert body.get("phase") == "draining", body
+            return body["detail"]
+        time.sleep(0.1)
 
 
 def test_drain_timeout_ends_open_streams_with_a_503_event(draining_server):
