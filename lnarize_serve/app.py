@@ -20,6 +20,7 @@ from lnarize_serve.middleware import (
     BodySizeLimitMiddleware,
     InternalErrorShieldMiddleware,
     RequestAccountingMiddleware,
+    ResponseCutMiddleware,
 )
 from lnarize_serve.runtime import EngineStarter, ServerRuntime
 from lnarize_serve.serving import mount_openai_routes
@@ -71,6 +72,7 @@ def create_app(settings: Settings, *, engine_starter: EngineStarter | None = Non
     install_error_handlers(app)
 
     # add_middleware wraps: the last one added runs first.
+    app.add_middleware(ResponseCutMiddleware)
     app.add_middleware(AdmissionMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key is not None:

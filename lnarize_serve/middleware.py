@@ -2,11 +2,13 @@
 
 Order, outermost first (see app.create_app): access log -> request accounting
 -> internal error shield -> API key -> body size limit -> admission (readiness
-+ in-flight).
++ in-flight) -> response cut (drain timeout, dead engine).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -237,11 +239,13 @@ class BodySizeLimitMiddleware:
         )
 
 
+ENGINE_DEAD_MESSAGE = "The inference engine has died; the server is restarting."
+
 _NOT_READY_MESSAGES: dict[Phase, str] = {
     Phase.LOADING: "The model is still loading; retry shortly.",
     Phase.WARMING: "The model is warming up; retry shortly.",
     Phase.DRAINING: "The server is shutting down and accepts no new requests.",
-    Phase.DEAD: "The inference engine has died; the server is restarting.",
+    Phase.DEAD: ENGINE_DEAD_MESSAGE,
     Phase.FAILED: "The inference engine failed to start.",
 }
 
@@ -270,3 +274,87 @@ class AdmissionMiddleware:
         finally:
             lifecycle.request_finished()
             state.metrics.in_flight.set(lifecycle.in_flight)
+
+
+def sse_error_event(status: int, message: str) -> bytes:
+    return f"data: {json.dumps(error_body(status, message))}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# How long a cut waits for the cancelled request handler to unwind.
+CUT_UNWIND_SECONDS = 2.0
+
+
+class ResponseCutMiddleware:
+    """Ends open /v1 responses cleanly when the server cannot finish them.
+
+    When the lifecycle asks for a cut (drain timeout, dead engine), the request
+    handler is cancelled and the client gets a 503 in OpenAI's shape: an error
+    event and ``data: [DONE]`` on a stream, a JSON error before any response.
+    A stream whose engine died ends the same way: vLLM's own error event (a
+    500 naming its internals) is replaced by the 503."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_api_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        state: Any = scope["app"].state
+        lifecycle = state.lifecycle
+        started = time.monotonic()
+        streaming = False
+        response_started = False
+        response_done = False
+        cut = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal streaming, response_started, response_done
+            if cut or response_done:
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                streaming = content_type.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body":
+                if streaming and message.get("body", b"").startswith(b'data: {"error"') and state.runtime.engine_dead:
+                    logger.warning(
+                        "%s %s ended by the dead engine after %.1f s: the client got a 503 error event",
+                        scope["method"], scope["path"], time.monotonic() - started,
+                    )
+                    message = {**message, "body": sse_error_event(503, ENGINE_DEAD_MESSAGE)}
+                response_done = not message.get("more_body", False)
+            await send(message)
+
+        handler = asyncio.get_running_loop().create_task(self.app(scope, receive, guarded_send))
+        cut_waiter = asyncio.ensure_future(lifecycle.cut_requested.wait())
+        try:
+            await asyncio.wait({handler, cut_waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if handler.done():
+                handler.result()  # re-raises what the handler raised
+                return
+            cut = True
+            handler.cancel()
+            await asyncio.wait({handler}, timeout=CUT_UNWIND_SECONDS)
+            if response_done:
+                return
+            logger.warning(
+                "cut %s %s after %.1f s (%s): the client got a 503 %s",
+                scope["method"], scope["path"], time.monotonic() - started, lifecycle.cut_reason,
+                "error event" if streaming else ("end of body" if response_started else "response"),
+            )
+            if streaming:
+                await send({"type": "http.response.body", "body": sse_error_event(503, lifecycle.cut_message) + SSE_DONE, "more_body": False})
+            elif response_started:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await send_json_error(send, 503, lifecycle.cut_message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        finally:
+            cut_waiter.cancel()
+            if not handler.done():
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({handler}, timeout=CUT_UNWIND_SECONDS)

@@ -191,8 +191,10 @@ class Settings(BaseSettings):
     @field_validator("quantization")
     @classmethod
     def _known_quantization(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import quantization_methods
+        from lnarize_serve.vllm_choices import lookups_enabled, quantization_methods
 
+        if not lookups_enabled():
+            return value
         allowed = ["auto", *quantization_methods()]
         if value not in allowed:
             raise ValueError(f"unknown quantization {value!r}; allowed: {', '.join(allowed)}")
@@ -201,8 +203,10 @@ class Settings(BaseSettings):
     @field_validator("kv_cache_dtype")
     @classmethod
     def _known_kv_cache_dtype(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import kv_cache_dtypes
+        from lnarize_serve.vllm_choices import lookups_enabled, kv_cache_dtypes
 
+        if not lookups_enabled():
+            return value
         allowed = kv_cache_dtypes()
         if value not in allowed:
             raise ValueError(f"unknown KV cache dtype {value!r}; allowed: {', '.join(allowed)}")
@@ -211,8 +215,10 @@ class Settings(BaseSettings):
     @field_validator("tool_call_parser")
     @classmethod
     def _known_tool_call_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import tool_call_parsers
+        from lnarize_serve.vllm_choices import lookups_enabled, tool_call_parsers
 
+        if not lookups_enabled():
+            return value
         if value is not None and value not in tool_call_parsers():
             raise ValueError(f"unknown tool-call parser {value!r}; allowed: none, {', '.join(tool_call_parsers())}")
         return value
@@ -220,8 +226,10 @@ class Settings(BaseSettings):
     @field_validator("reasoning_parser")
     @classmethod
     def _known_reasoning_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import reasoning_parsers
+        from lnarize_serve.vllm_choices import lookups_enabled, reasoning_parsers
 
+        if not lookups_enabled():
+            return value
         if value is not None and value not in reasoning_parsers():
             raise ValueError(f"unknown reasoning parser {value!r}; allowed: none, {', '.join(reasoning_parsers())}")
         return value
@@ -251,12 +259,12 @@ class Settings(BaseSettings):
     @field_validator("engine_args")
     @classmethod
     def _known_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from lnarize_serve.vllm_choices import engine_arg_names
+        from lnarize_serve.vllm_choices import engine_arg_names, lookups_enabled
 
         for key in value:
             if key in MANAGED_ENGINE_ARGS:
                 raise ValueError(f"key {key!r} is a dedicated setting; use {MANAGED_ENGINE_ARGS[key]} instead")
-        unknown = sorted(set(value) - engine_arg_names())
+        unknown = sorted(set(value) - engine_arg_names()) if lookups_enabled() else []
         if unknown:
             raise ValueError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
         return value
@@ -365,7 +373,16 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(
             "\n".join(f"unknown setting {name}: no such LNARIZE_ variable (see `lnarize-serve config --help`)" for name in unknown)
         )
+    from lnarize_serve.vllm_choices import held_back_vllm_logs, without_lookups
+
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        # First every check that needs no vLLM import, so that a bad number or
+        # name is reported alone and fast; then vLLM's own lists, with the log
+        # lines its import prints held back unless the settings are valid.
+        with without_lookups():
+            Settings(**given)
+        with held_back_vllm_logs():
+            return Settings(**given)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
