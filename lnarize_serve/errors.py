@@ -117,6 +117,16 @@ async def _on_vllm_client_error(request: Request, exc: Exception) -> JSONRespons
     return error_response(status, info.message, info.param)
 
 
+ENGINE_DEAD_MESSAGE = "The inference engine stopped; this server is shutting down. Retry on another replica."
+
+
+async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:
+    # Not a bug of this request: the watchdog is already taking the process
+    # down (exit 3). One line, no traceback; the client may retry elsewhere.
+    logger.warning("%s %s: engine dead, answered 503", request.method, request.url.path)
+    return error_response(503, ENGINE_DEAD_MESSAGE, headers={"Retry-After": "5"})
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return internal_error_response(exc)
 
@@ -127,8 +137,10 @@ def install_error_handlers(app: FastAPI) -> None:
     classes turn the ValueErrors of their own input checks into 400 responses
     before they get here)."""
     from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
 
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(EngineDeadError, _on_engine_dead)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(VLLMClientError, _on_vllm_client_error)
     app.add_exception_handler(Exception, _on_unexpected)

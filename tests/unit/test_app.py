@@ -174,6 +174,27 @@ def test_server_bugs_are_500_with_an_error_id_not_400(loading_app, client_of, ca
     assert record.exc_info is not None and record.exc_info[0] is exc_class
 
 
+def test_a_request_that_meets_a_dead_engine_is_503_without_a_traceback(loading_app, client_of, caplog):
+    # A fake raise: the real engine's death is driven end to end in
+    # tests/e2e/test_cut_streams.py, where streams are already open; this is the
+    # non-streaming request whose handler sees vLLM's EngineDeadError itself.
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    app, starter = loading_app()
+
+    async def dead():
+        raise EngineDeadError()
+
+    app.add_api_route("/dead", dead)
+    client = client_of(app, starter)
+    with caplog.at_level("WARNING", logger="lnarize_serve.errors"):
+        response = client.get("/dead")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.json()["error"]["type"] == "ServiceUnavailableError"
+    assert all(record.exc_info is None for record in caplog.records)
+    assert any("engine dead" in record.getMessage() for record in caplog.records)
+
+
 def test_vllm_request_validation_errors_stay_400(loading_app, client_of):
     from vllm.exceptions import VLLMValidationError
 
