@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from fastapi import Request
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+# Raw exceptions vLLM's own error mapper treats as the client's fault.
+CLIENT_INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError)
+
 # OpenAI's chat roles; vLLM would pass any other string into the chat template.
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -89,7 +92,22 @@ class CheckedServing:
         return await self.inner._check_model(request)
 
     async def create_chat_completion(self, request: Any, raw_request: Request | None = None) -> Any:
-        return await self._refuse(request) or await self.inner.create_chat_completion(request, raw_request)
+        return await self._refuse(request) or await self._answer(self.inner.create_chat_completion, request, raw_request)
 
     async def create_completion(self, request: Any, raw_request: Request | None = None) -> Any:
-        return await self._refuse(request) or await self.inner.create_completion(request, raw_request)
+        return await self._refuse(request) or await self._answer(self.inner.create_completion, request, raw_request)
+
+    async def _answer(self, serve: Any, request: Any, raw_request: Request | None) -> Any:
+        try:
+            return await serve(request, raw_request)
+        except CLIENT_INPUT_ERRORS as exc:
+            # vLLM's request processing (message parsing, rendering) still raises
+            # raw exceptions for bad input, e.g. an image for a text-only model;
+            # `vllm serve` classifies them with its own mapper, and so do we.
+            # Only this call is covered: the same exception from our code is a bug (500).
+            from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+            response = create_error_response(exc)
+            if response.error.code >= 500:
+                raise
+            return response

@@ -246,6 +246,15 @@ def test_unknown_role_is_400(client):
     assert_bad_request(refused, "messages[0].role", "'wizard'")
 
 
+def test_an_image_for_the_text_only_model_is_400_not_500(client):
+    # vLLM's message parsing raises a plain ValueError for this; found by the API fuzzer.
+    content = [{"type": "text", "text": "what is this?"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=1)
+    assert "not a multimodal model" in refused.value.body["message"]
+
+
 @pytest.mark.parametrize("n", [129, 1000])
 def test_n_above_the_limit_is_400(client, n):
     # LNARIZE_MAX_N is at its default, OpenAI's 128.

@@ -1,5 +1,7 @@
 """Refusals of requests OpenAI refuses, on vLLM's own parsed request objects."""
 
+from types import SimpleNamespace
+
 import pytest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -65,3 +67,41 @@ def test_schema_problem_names_nothing_for_valid_schemas():
     assert json_schema_problem({}) is None
     assert json_schema_problem({"$schema": "http://json-schema.org/draft-07/schema#", "type": "integer"}) is None
     assert json_schema_problem({"$schema": "http://json-schema.org/draft-07/schema#", "type": "nonsense"}) is not None
+
+
+class _RaisingServing:
+    """Stands in for vLLM's chat serving object, whose request processing
+    raises these for bad input (the real path: tests/e2e/test_demo_server.py,
+    an image sent to the text-only demo model)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def _check_model(self, request):
+        return None
+
+    async def create_chat_completion(self, request, raw_request=None):
+        raise self.exc
+
+
+def _chat(exc: Exception):
+    import asyncio
+
+    from lnarize_serve.request_checks import CheckedServing
+
+    request = SimpleNamespace(n=1, messages=[{"role": "user", "content": "hi"}], tools=None)
+    return asyncio.run(CheckedServing(_RaisingServing(exc), max_n=128).create_chat_completion(request))
+
+
+def test_bad_input_raised_by_vllms_processing_is_a_400_with_its_message():
+    response = _chat(ValueError("smollm2 is not a multimodal model"))
+    assert response.error.code == 400 and response.error.type == "BadRequestError"
+    assert "not a multimodal model" in response.error.message
+
+
+def test_other_exceptions_from_vllm_are_not_turned_into_client_errors():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    for exc in (RuntimeError("bug"), EngineDeadError()):
+        with pytest.raises(type(exc)):
+            _chat(exc)
