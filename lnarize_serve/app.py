@@ -14,11 +14,13 @@ from lnarize_serve.health import router as health_router
 from lnarize_serve.lifecycle import Lifecycle
 from lnarize_serve.metrics import ServerMetrics, metrics_endpoint
 from lnarize_serve.middleware import (
+    AccessLogMiddleware,
     AdmissionMiddleware,
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
     InternalErrorShieldMiddleware,
     RequestAccountingMiddleware,
+    ResponseCutMiddleware,
 )
 from lnarize_serve.runtime import EngineStarter, ServerRuntime
 from lnarize_serve.serving import mount_openai_routes
@@ -70,10 +72,12 @@ def create_app(settings: Settings, *, engine_starter: EngineStarter | None = Non
     install_error_handlers(app)
 
     # add_middleware wraps: the last one added runs first.
+    app.add_middleware(ResponseCutMiddleware)
     app.add_middleware(AdmissionMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(InternalErrorShieldMiddleware)
     app.add_middleware(RequestAccountingMiddleware)
+    app.add_middleware(AccessLogMiddleware)
     return app

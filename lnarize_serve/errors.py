@@ -105,9 +105,9 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
     return error_response(status, message, headers=getattr(exc, "headers", None))
 
 
-async def _on_vllm_or_value_error(request: Request, exc: Exception) -> JSONResponse:
-    # vLLM raises its own error classes (and, for older checks, ValueError /
-    # TypeError) for bad input; its create_error_response maps them to a status.
+async def _on_vllm_client_error(request: Request, exc: Exception) -> JSONResponse:
+    # vLLM's request-validation errors (VLLMClientError: validation, not found,
+    # ...) that escape its serving classes; its mapper picks the 4xx status.
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     info = create_error_response(exc).error
@@ -117,15 +117,30 @@ async def _on_vllm_or_value_error(request: Request, exc: Exception) -> JSONRespo
     return error_response(status, info.message, info.param)
 
 
+ENGINE_DEAD_MESSAGE = "The inference engine stopped; this server is shutting down. Retry on another replica."
+
+
+async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:
+    # Not a bug of this request: the watchdog is already taking the process
+    # down (exit 3). One line, no traceback; the client may retry elsewhere.
+    logger.warning("%s %s: engine dead, answered 503", request.method, request.url.path)
+    return error_response(503, ENGINE_DEAD_MESSAGE, headers={"Retry-After": "5"})
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return internal_error_response(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from vllm.exceptions import VLLMError
+    """Only request validation is a client error. A ValueError or TypeError
+    raised by server code is a bug: generic 500 with an error id (vLLM's serving
+    classes turn the ValueErrors of their own input checks into 400 responses
+    before they get here)."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
 
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(EngineDeadError, _on_engine_dead)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    for exc_class in (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError):
-        app.add_exception_handler(exc_class, _on_vllm_or_value_error)
+    app.add_exception_handler(VLLMClientError, _on_vllm_client_error)
     app.add_exception_handler(Exception, _on_unexpected)

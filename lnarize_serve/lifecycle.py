@@ -23,17 +23,29 @@ FATAL_PHASES = frozenset({Phase.DEAD, Phase.FAILED})
 class Lifecycle:
     def __init__(self) -> None:
         self.phase = Phase.LOADING
-        self.detail = "starting the engine"
+        self._detail = "starting the engine"
         self.started_at = time.monotonic()
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set once: every open response ends now with this message (drain
+        # timeout, dead engine); see middleware.ResponseCutMiddleware.
+        self.cut_requested = asyncio.Event()
+        self.cut_message = ""
+        self.cut_reason = ""
 
     # Phase -------------------------------------------------------------------
 
     def enter(self, phase: Phase, detail: str = "") -> None:
         self.phase = phase
-        self.detail = detail
+        self._detail = detail
+
+    @property
+    def detail(self) -> str:
+        # Live while draining: the count falls as requests finish.
+        if self.phase is Phase.DRAINING:
+            return f"draining {self.in_flight} in-flight request(s)"
+        return self._detail
 
     @property
     def ready(self) -> bool:
@@ -62,3 +74,11 @@ class Lifecycle:
             return True
         except TimeoutError:
             return False
+
+    def cut_open_responses(self, reason: str, message: str) -> None:
+        """End every open (and later) /v1 response with a 503 saying ``message``;
+        ``reason`` is the short cause the log names."""
+        if not self.cut_requested.is_set():
+            self.cut_reason = reason
+            self.cut_message = message
+            self.cut_requested.set()

@@ -9,13 +9,12 @@ from starlette.responses import Response
 
 from lnarize_serve.kvtc.metrics import KVTCMetrics
 from lnarize_serve.lifecycle import Phase
+from lnarize_serve.serving import OPENAI_ROUTES
 from lnarize_serve.settings import Settings
 
 # Routes get their own label value; anything else is "other" (bounded cardinality).
 KNOWN_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
+    *OPENAI_ROUTES,
     "/health",
     "/health/live",
     "/health/ready",

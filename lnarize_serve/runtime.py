@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from lnarize_serve.engine import EngineHandle, prepare_engine_args, start_engine
 from lnarize_serve.lifecycle import FATAL_PHASES, Lifecycle, Phase
 from lnarize_serve.metrics import ServerMetrics
+from lnarize_serve.middleware import CUT_UNWIND_SECONDS, ENGINE_DEAD_MESSAGE
 from lnarize_serve.settings import Settings
 
 if TYPE_CHECKING:
@@ -144,8 +145,12 @@ class ServerRuntime:
                 continue
             if engine.errored:
                 self._enter(Phase.DEAD, "the vLLM engine process died")
-                logger.error("vLLM engine died; exiting with code %d", EXIT_ENGINE_DIED)
+                logger.error(
+                    "vLLM engine died with %d request(s) in flight; exiting with code %d",
+                    self.lifecycle.in_flight, EXIT_ENGINE_DIED,
+                )
                 self.exit_code = EXIT_ENGINE_DIED
+                self.lifecycle.cut_open_responses("engine died", ENGINE_DEAD_MESSAGE)
                 await asyncio.sleep(DEAD_GRACE_SECONDS)
                 self.request_server_exit()
                 return
@@ -164,8 +169,22 @@ class ServerRuntime:
         if await self.lifecycle.wait_idle(timeout):
             logger.info("drained; stopping")
         else:
-            logger.warning("drain timeout (%.0f s) hit with %d request(s) in flight; they will be cut", timeout, self.lifecycle.in_flight)
+            logger.warning(
+                "drain timeout (%.0f s) hit with %d request(s) in flight; ending each with a 503",
+                timeout, self.lifecycle.in_flight,
+            )
+            self.lifecycle.cut_open_responses(
+                "drain timeout",
+                f"The server is shutting down: the drain timeout ({timeout:.0f} s) ended this response "
+                "before it finished; retry the request.",
+            )
+            await self.lifecycle.wait_idle(CUT_UNWIND_SECONDS + 1)
         self.request_server_exit()
+
+    @property
+    def engine_dead(self) -> bool:
+        engine = self.engine
+        return engine is not None and engine.errored
 
     def stop_during_engine_build(self) -> None:
         """Called at shutdown: if vLLM is still building the engine (an

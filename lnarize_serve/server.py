@@ -13,6 +13,7 @@ import uvicorn
 
 from lnarize_serve.app import create_app
 from lnarize_serve.engine import check_kvtc_supported
+from lnarize_serve.log_filters import install_engine_dead_filter
 from lnarize_serve.runtime import EXIT_ENGINE_DIED, ServerRuntime
 from lnarize_serve.settings import ConfigError, Settings
 
@@ -109,6 +110,7 @@ def serve(settings: Settings) -> int:
         return 2
     app = create_app(settings)
     runtime: ServerRuntime = app.state.runtime
+    install_engine_dead_filter(shutdown_expected=lambda: runtime.stopping)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -116,8 +118,8 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         lifespan="on",
         timeout_graceful_shutdown=FINAL_CLOSE_SECONDS,
-        # vLLM's OpenAI routes stream; no per-response buffering anywhere.
-        access_log=settings.log_level == "debug",
+        # Our AccessLogMiddleware writes the access log (with request ids).
+        access_log=False,
     )
     server = DrainingServer(config, runtime)
     runtime.on_stop_during_engine_build = lambda: _terminate_engine_processes_and_exit(

@@ -46,6 +46,9 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from lnarize_serve.vllm_choices import register_project_tool_parsers
+
+    register_project_tool_parsers()
     namespace = make_arg_parser(FlexibleArgumentParser()).parse_args([])
     # Folds reasoning_parser into structured_outputs_config, where the serving
     # classes read it (idempotent; vLLM does the same when building the engine).
@@ -78,6 +81,13 @@ async def install_openai_serving(
 ) -> None:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
+    from lnarize_serve.request_checks import CheckedServing
+
     namespace = frontend_args(settings, engine_args)
     supported_tasks = await engine.get_supported_tasks()
     await init_app_state(engine, state, namespace, supported_tasks)
+    # vLLM's routes look these up per request: each request passes our checks first.
+    for name in ("openai_serving_chat", "openai_serving_completion"):
+        handler = getattr(state, name, None)
+        if handler is not None:
+            setattr(state, name, CheckedServing(handler, settings.max_n))

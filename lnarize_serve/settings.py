@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     reasoning_parser: str | None = Field(
         "qwen3", description="vLLM reasoning parser that splits reasoning_content ('none' disables)."
     )
-    tool_call_parser: str | None = Field("qwen3_xml", description="vLLM tool-call parser for 'tools' ('none' disables).")
+    tool_call_parser: str | None = Field("qwen3_xml_schema", description="Tool-call parser for 'tools': one of vLLM's, or qwen3_xml_schema (vLLM's qwen3_xml with arguments fitted to the tool's schema); 'none' disables.")
     enable_auto_tool_choice: bool = Field(True, description="Allow tool_choice='auto' (needs a tool-call parser).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     cache_dir: Path | None = Field(
@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest accepted request body in bytes (larger: 413)."
+    )
+    max_n: int = Field(
+        128, ge=1, le=4096, description="Most choices one request may ask for with 'n' (more: 400, as OpenAI's 128)."
     )
     # NoDecode: our validator parses the JSON so a syntax error names the variable.
     engine_args: Annotated[dict[str, Any], NoDecode] = Field(
@@ -227,8 +230,10 @@ class Settings(BaseSettings):
     @field_validator("quantization")
     @classmethod
     def _known_quantization(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import quantization_methods
+        from lnarize_serve.vllm_choices import lookups_enabled, quantization_methods
 
+        if not lookups_enabled():
+            return value
         allowed = ["auto", *quantization_methods()]
         if value not in allowed:
             raise ValueError(f"unknown quantization {value!r}; allowed: {', '.join(allowed)}")
@@ -237,8 +242,10 @@ class Settings(BaseSettings):
     @field_validator("kv_cache_dtype")
     @classmethod
     def _known_kv_cache_dtype(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import kv_cache_dtypes
+        from lnarize_serve.vllm_choices import lookups_enabled, kv_cache_dtypes
 
+        if not lookups_enabled():
+            return value
         allowed = kv_cache_dtypes()
         if value not in allowed:
             raise ValueError(f"unknown KV cache dtype {value!r}; allowed: {', '.join(allowed)}")
@@ -247,8 +254,10 @@ class Settings(BaseSettings):
     @field_validator("tool_call_parser")
     @classmethod
     def _known_tool_call_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import tool_call_parsers
+        from lnarize_serve.vllm_choices import lookups_enabled, tool_call_parsers
 
+        if not lookups_enabled():
+            return value
         if value is not None and value not in tool_call_parsers():
             raise ValueError(f"unknown tool-call parser {value!r}; allowed: none, {', '.join(tool_call_parsers())}")
         return value
@@ -256,8 +265,10 @@ class Settings(BaseSettings):
     @field_validator("reasoning_parser")
     @classmethod
     def _known_reasoning_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import reasoning_parsers
+        from lnarize_serve.vllm_choices import lookups_enabled, reasoning_parsers
 
+        if not lookups_enabled():
+            return value
         if value is not None and value not in reasoning_parsers():
             raise ValueError(f"unknown reasoning parser {value!r}; allowed: none, {', '.join(reasoning_parsers())}")
         return value
@@ -314,12 +325,12 @@ class Settings(BaseSettings):
     @field_validator("engine_args")
     @classmethod
     def _known_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from lnarize_serve.vllm_choices import engine_arg_names
+        from lnarize_serve.vllm_choices import engine_arg_names, lookups_enabled
 
         for key in value:
             if key in MANAGED_ENGINE_ARGS:
                 raise ValueError(f"key {key!r} is a dedicated setting; use {MANAGED_ENGINE_ARGS[key]} instead")
-        unknown = sorted(set(value) - engine_arg_names())
+        unknown = sorted(set(value) - engine_arg_names()) if lookups_enabled() else []
         if unknown:
             raise ValueError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
         return value
@@ -422,14 +433,28 @@ def format_validation_error(exc: ValidationError) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment (+ profile preset); raise ConfigError with a clear message."""
+    from lnarize_serve.vllm_compat import VllmVersionError, check_vllm_version
+
+    try:
+        check_vllm_version()  # first: the validators below ask vLLM for its choices
+    except VllmVersionError as exc:
+        raise ConfigError(str(exc)) from None
     unknown = unknown_env_vars()
     if unknown:
         raise ConfigError(
             "\n".join(f"unknown setting {name}: no such LNARIZE_ variable (see `lnarize-serve config --help`)" for name in unknown)
         )
+    from lnarize_serve.vllm_choices import held_back_vllm_logs, without_lookups
+
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        settings = Settings(**given)
+        # First every check that needs no vLLM import, so that a bad number or
+        # name is reported alone and fast; then vLLM's own lists, with the log
+        # lines its import prints held back unless the settings are valid.
+        with without_lookups():
+            Settings(**given)
+        with held_back_vllm_logs():
+            settings = Settings(**given)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     environ = {key.upper() for key in os.environ}

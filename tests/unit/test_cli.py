@@ -94,3 +94,39 @@ def test_readme_settings_table_lists_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{name}` | `LNARIZE_{name.upper()}` |" in readme, name
+
+
+def config_in_a_fresh_process(**settings: str):
+    # A fresh process: an import of vLLM earlier in this test session would
+    # hide its import-time log lines (Triton, platform) from these checks.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LNARIZE_")}
+    env.update(settings)
+    return subprocess.run(
+        [sys.executable, "-m", "lnarize_serve", "config"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_bad_setting_prints_only_the_error_line():
+    result = config_in_a_fresh_process(LNARIZE_MAX_NUM_SEQS="abc")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "lnarize-serve: configuration error",
+        "invalid setting LNARIZE_MAX_NUM_SEQS='abc': Input should be a valid integer, "
+        "unable to parse string as an integer (allowed: >= 1 and <= 1024)",
+    ], result.stderr
+
+
+def test_setting_outside_vllms_choices_prints_only_the_error_line():
+    result = config_in_a_fresh_process(LNARIZE_KV_CACHE_DTYPE="bogus")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == "lnarize-serve: configuration error", result.stderr
+    assert len(lines) == 2 and lines[1].startswith(
+        "invalid setting LNARIZE_KV_CACHE_DTYPE='bogus': unknown KV cache dtype 'bogus'; allowed: auto"
+    ), result.stderr

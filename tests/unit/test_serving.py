@@ -33,7 +33,7 @@ def test_frontend_namespace_carries_parsers_and_served_name():
     settings = load_settings()
     namespace = frontend_args(settings, build_engine_args(settings))
     assert namespace.served_model_name == ["sakamakismile/Qwen3.6-27B-LNARIZE-NVFP4"]
-    assert namespace.tool_call_parser == "qwen3_xml"
+    assert namespace.tool_call_parser == "qwen3_xml_schema"
     assert namespace.enable_auto_tool_choice is True
     # Forced tool calls are constrained to each tool's schema, not only to the call envelope.
     assert namespace.tool_strict_level == "parameter"

@@ -37,7 +37,7 @@ def test_defaults_are_the_interactive_production_shape():
     assert settings.enforce_eager is False
     assert settings.language_model_only is True
     assert settings.reasoning_parser == "qwen3"
-    assert settings.tool_call_parser == "qwen3_xml"
+    assert settings.tool_call_parser == "qwen3_xml_schema"
     assert settings.enable_auto_tool_choice is True
     assert settings.api_key is None
     assert settings.kvtc_enable is False

@@ -53,3 +53,25 @@ def test_a_flag_that_parses_differently_is_refused(vllm_parser):
 
     with pytest.raises(ServerStartError, match="max_num_seqs"):
         check_flags(["--model", "m", "--max-num-seqs", "8"], {"model": "m", "max_num_seqs": 16}, vllm_parser)
+
+
+def test_plain_vllm_gets_the_projects_tool_parser_as_a_plugin(vllm_parser):
+    """Plain `vllm serve` knows qwen3_xml_schema only through --tool-parser-plugin;
+    vLLM's own plugin loader must register it from the module file."""
+    import importlib.util
+
+    from vllm.tool_parsers import ToolParserManager
+
+    from lnarize_serve.bench.servers import check_flags, vllm_flags
+    from lnarize_serve.vllm_choices import PROJECT_TOOL_PARSERS
+
+    module, class_name = PROJECT_TOOL_PARSERS["qwen3_xml_schema"]
+    plugin = importlib.util.find_spec(module).origin
+    values = {"tool_call_parser": "qwen3_xml_schema", "tool_parser_plugin": plugin, "enable_auto_tool_choice": True}
+    flags = vllm_flags(values, vllm_parser)
+    assert flags[flags.index("--tool-parser-plugin") + 1] == plugin
+    check_flags(flags, values, vllm_parser)
+    ToolParserManager.tool_parsers.pop("qwen3_xml_schema", None)
+    ToolParserManager.lazy_parsers.pop("qwen3_xml_schema", None)
+    ToolParserManager.import_tool_parser(plugin)
+    assert ToolParserManager.get_tool_parser("qwen3_xml_schema").__name__ == class_name

@@ -109,7 +109,7 @@ def test_healthcheck_uses_python_urllib_on_the_apps_readiness_route(instructions
 
 
 def test_healthcheck_command_fails_when_nothing_answers(instructions) -> None:
-    # The ready case runs against the real server in tests/e2e/test_ship_entrypoint_serve.py.
+    # The ready case runs against the real server in tests/e2e/test_ship_container_start.py.
     _, rest = split_options(only(instructions, "HEALTHCHECK").arguments)
     command = exec_form(rest[len("CMD ") :])
     unused_port = "9"  # discard port: nothing listens there

@@ -153,6 +153,9 @@ def test_the_servers_default_parsers_accept_the_tokenizer(built):
     out, _ = built
     tokenizer = get_tokenizer(str(out / "nvfp4"))
     ReasoningParserManager.get_reasoning_parser("qwen3")(tokenizer)  # needs <think> and </think>
-    ToolParserManager.get_tool_parser("qwen3_xml")(tokenizer)
+    from lnarize_serve.vllm_choices import register_project_tool_parsers
+
+    register_project_tool_parsers()
+    ToolParserManager.get_tool_parser("qwen3_xml_schema")(tokenizer)
     ids = tokenizer.convert_tokens_to_ids(list(qwen36_shaped.ADDED_TOKENS))
     assert all(i < qwen36_shaped.VOCAB for i in ids) and len(set(ids)) == 4

@@ -1,0 +1,267 @@
+"""Bounded load with faults against the CPU demo: concurrent streaming clients,
+some hanging up mid-stream, rounds of T seconds, then a SIGTERM in the middle
+of a last round (a benchmark script; tests/e2e/test_load_faults.py runs the
+same rounds with assertions).
+
+    .venv/bin/python benchmarks/load_faults.py [--clients 8] [--seconds 20] [--rounds 3]
+
+Starts `python -m lnarize_serve` (cpu-demo profile, loopback only), prints one
+table: per round, requests sent / completed / aborted by the client / refused
+with 503 / errors / lost, vllm:num_requests_running after the round and the
+API server's RSS. "lost" is a request that reached the server and ended with
+neither a complete stream, our own hang-up, a 503 refusal nor an error event.
+CPU figures; on a shared machine they include other processes' load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import httpx
+
+MODEL = "smollm2-135m-instruct"
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain how bread is made, step by step.",
+    "List facts about the planets of the solar system.",
+    "Describe a walk through a forest in autumn.",
+]
+OUTCOMES = ("completed", "client_abort", "refused_503", "error", "lost", "not_connected")
+
+
+@dataclasses.dataclass
+class LoadConfig:
+    clients: int = 8
+    seconds: float = 20.0
+    disconnect_fraction: float = 0.25
+    # Tokens per stream: ignore_eos makes every stream this long, so a
+    # hang-up after a few events really is mid-stream.
+    min_tokens: int = 16
+    max_tokens: int = 48
+    # Our hang-up comes after this many SSE events.
+    disconnect_after_events: int = 3
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RoundResult:
+    name: str
+    outcomes: Counter = dataclasses.field(default_factory=Counter)
+    details: list[str] = dataclasses.field(default_factory=list)  # errors and lost requests, one line each
+    running_after: float | None = None
+    rss_mib: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def sent(self) -> int:
+        return sum(self.outcomes[o] for o in OUTCOMES if o != "not_connected")
+
+
+def is_openai_error(payload: object) -> bool:
+    if not isinstance(payload, dict) or set(payload) != {"error"} or not isinstance(payload["error"], dict):
+        return False
+    return {"message", "type", "param", "code"} <= set(payload["error"])
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict, hang_up_after: int | None) -> tuple[str, str]:
+    """One streaming chat request; returns (outcome, detail)."""
+    events = 0
+    finish_reason = None
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+            if response.status_code == 503:
+                payload = json.loads(await response.aread())
+                return ("refused_503", "") if is_openai_error(payload) else ("error", f"503 not OpenAI-shaped: {payload}")
+            if response.status_code != 200:
+                return "error", f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    if finish_reason in ("stop", "length"):
+                        return "completed", ""
+                    return "error", f"stream done with finish_reason {finish_reason!r}"
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    return "error", f"error event: {str(event)[:200]}"
+                events += 1
+                for choice in event.get("choices", []):
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                if hang_up_after is not None and events >= hang_up_after:
+                    return "client_abort", ""  # leaving the block closes the connection
+            return "lost", f"stream ended without [DONE] after {events} events (finish_reason {finish_reason!r})"
+    except httpx.ConnectError:
+        return "not_connected", ""  # the listener is gone (after SIGTERM): nothing was sent
+    except httpx.TransportError as exc:
+        return "lost", f"{type(exc).__name__} after {events} events: {exc}"
+
+
+async def client_loop(index: int, url: str, headers: dict[str, str], config: LoadConfig, deadline: float, result: RoundResult, rng: random.Random) -> None:
+    # One connection per request: a keep-alive connection closed by the server
+    # between two requests would look like a lost request.
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        while time.monotonic() < deadline:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+                "max_tokens": rng.randint(config.min_tokens, config.max_tokens),
+                "ignore_eos": True,
+                "temperature": 0.7,
+                "stream": True,
+            }
+            hang_up = config.disconnect_after_events if rng.random() < config.disconnect_fraction else None
+            outcome, detail = await one_stream(client, url, headers, body, hang_up)
+            result.outcomes[outcome] += 1
+            if detail:
+                result.details.append(f"client {index}: {outcome}: {detail}")
+            if outcome == "not_connected":
+                return  # the server is gone; this client is done
+            if outcome == "refused_503":
+                await asyncio.sleep(0.2)
+
+
+def metric(url: str, name: str) -> float | None:
+    total = None
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> float | None:
+    """vllm:num_requests_running once it is 0, or its last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = metric(url, "vllm:num_requests_running")
+        if value == 0:
+            return value
+        time.sleep(0.1)
+    return value
+
+
+def rss_mib(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def run_round(name: str, url: str, api_key: str | None, config: LoadConfig, seed: int, sigterm_pid: int | None = None) -> RoundResult:
+    """``config.clients`` clients for ``config.seconds``; with ``sigterm_pid``, that
+    process gets SIGTERM halfway through and the clients run until it is gone."""
+    result = RoundResult(name)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    started = time.monotonic()
+    deadline = started + config.seconds
+    tasks = [
+        asyncio.create_task(client_loop(i, url, headers, config, deadline, result, random.Random(seed * 1000 + i)))
+        for i in range(config.clients)
+    ]
+    if sigterm_pid is not None:
+        await asyncio.sleep(config.seconds / 2)
+        os.kill(sigterm_pid, signal.SIGTERM)
+    await asyncio.gather(*tasks)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def print_table(rounds: list[RoundResult]) -> None:
+    header = f"{'round':<14}{'sent':>6}{'completed':>11}{'client abort':>14}{'refused 503':>13}{'errors':>8}{'lost':>6}{'running after':>15}{'RSS MiB':>9}{'s':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in rounds:
+        running = "-" if r.running_after is None else f"{r.running_after:g}"
+        rss = "-" if r.rss_mib is None else f"{r.rss_mib:.0f}"
+        o = r.outcomes
+        print(f"{r.name:<14}{r.sent:>6}{o['completed']:>11}{o['client_abort']:>14}{o['refused_503']:>13}{o['error']:>8}{o['lost']:>6}{running:>15}{rss:>9}{r.seconds:>6.0f}")
+    for r in rounds:
+        for detail in r.details[:10]:
+            print(f"  {r.name}: {detail}")
+
+
+def run_all(url: str, process: subprocess.Popen, api_key: str | None, config: LoadConfig, rounds: int, exit_timeout: float) -> tuple[list[RoundResult], int | None]:
+    """``rounds`` plain rounds, then one with a SIGTERM halfway; returns the results and the exit code."""
+    pid = process.pid
+    results = []
+    for i in range(1, rounds + 1):
+        result = asyncio.run(run_round(f"round {i}", url, api_key, config, seed=config.seed + i))
+        result.running_after = wait_idle(url)
+        result.rss_mib = rss_mib(pid)
+        results.append(result)
+    last = asyncio.run(run_round("SIGTERM round", url, api_key, config, seed=config.seed + rounds + 1, sigterm_pid=pid))
+    results.append(last)
+    try:
+        return results, process.wait(timeout=exit_timeout)
+    except subprocess.TimeoutExpired:
+        return results, None
+
+
+def main() -> int:
+    from lnarize_serve.demo_model import ensure_demo_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--disconnect-fraction", type=float, default=0.25)
+    parser.add_argument("--max-num-seqs", type=int, default=4)
+    args = parser.parse_args()
+    config = LoadConfig(clients=args.clients, seconds=args.seconds, disconnect_fraction=args.disconnect_fraction)
+
+    ensure_demo_model()
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    drain_timeout = 30.0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LNARIZE_")}
+    env.update(
+        LNARIZE_PROFILE="cpu-demo",
+        LNARIZE_HOST="127.0.0.1",
+        LNARIZE_PORT=str(port),
+        LNARIZE_MAX_MODEL_LEN="512",
+        LNARIZE_MAX_NUM_SEQS=str(args.max_num_seqs),
+        LNARIZE_DRAIN_TIMEOUT=str(drain_timeout),
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
+    log = tempfile.NamedTemporaryFile(prefix="load-faults-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen([sys.executable, "-m", "lnarize_serve"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                print(f"server did not become ready; log: {log.name}")
+                return 1
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        results, exit_code = run_all(url, process, None, config, args.rounds, drain_timeout + 30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    print(f"{config.clients} streaming clients, {config.seconds:g} s a round, {config.disconnect_fraction:.0%} hang up after {config.disconnect_after_events} events; max_num_seqs {args.max_num_seqs}")
+    print_table(results)
+    print(f"exit code after SIGTERM: {exit_code}; server log: {log.name}")
+    lost = sum(r.outcomes["lost"] for r in results)
+    return 0 if exit_code == 0 and lost == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

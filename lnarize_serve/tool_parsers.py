@@ -1,0 +1,94 @@
+"""The project's tool-call parser for the Qwen3.5/3.6 XML format: vLLM's
+``qwen3_xml`` with arguments fitted to the tool's schema.
+
+A forced call (``tool_choice`` named or ``"required"``) is constrained by
+xgrammar's ``qwen_xml`` grammar, which lets whitespace through around each
+``<parameter=...>`` value and applies the schema to what lies between (the
+chat template itself wraps values in newlines). vLLM's parser trims one
+newline on each side and keeps the rest, so a value the grammar held to the
+schema can come back outside it: an enum value as ``" celsius\t\r"``, a
+12-character string as 15 characters. Here a string value that fails its
+property's schema loses its surrounding whitespace when that makes it pass;
+values that pass are never touched (free text keeps every character), and
+non-string types are coerced by vLLM as before. Keys whose value may be
+refitted are not streamed before the value is complete, so streamed and
+non-streamed arguments are the same.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+from vllm.parser.qwen3 import Qwen3Parser
+from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
+from vllm.tool_parsers.qwen3_engine_tool_parser import Qwen3EngineToolParser
+from vllm.tool_parsers.utils import find_tool_properties
+
+# Schema keywords that say nothing about which strings are valid.
+_ANNOTATIONS = frozenset({"type", "title", "description", "default", "examples", "deprecated"})
+
+
+def _is_valid(value: Any, schema: dict[str, Any]) -> bool:
+    try:
+        return jsonschema.Draft202012Validator(schema).is_valid(value)
+    except jsonschema.SchemaError:
+        return True  # not ours to judge: leave the value as the parser gave it
+
+
+def fit_to_schema(value: Any, schema: Any) -> Any:
+    """``value`` with the grammar's surrounding whitespace removed from every
+    string that fails its schema and passes without it; all else unchanged."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped != value and not _is_valid(value, schema) and _is_valid(stripped, schema):
+            return stripped
+        return value
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        if isinstance(properties, dict):
+            return {k: fit_to_schema(v, properties.get(k)) for k, v in value.items()}
+        return value
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [fit_to_schema(item, schema["items"]) for item in value]
+    return value
+
+
+def _constrains_strings(schema: Any) -> bool:
+    return isinstance(schema, dict) and bool(set(schema) - _ANNOTATIONS)
+
+
+class SchemaFittedQwen3Parser(Qwen3Parser):
+    def _fix_arg_types(self, args_json: str, func_name: str) -> str:
+        fixed = super()._fix_arg_types(args_json, func_name)
+        properties = find_tool_properties(self._tools, func_name) if self._tools and func_name else {}
+        if not properties:
+            return fixed
+        try:
+            args = json.loads(fixed)
+        except ValueError:
+            return fixed
+        if not isinstance(args, dict):
+            return fixed
+        fitted = fit_to_schema(args, {"properties": properties})
+        return fixed if fitted == args else json.dumps(fitted, ensure_ascii=False)
+
+    @staticmethod
+    def _streamable_string_keys(properties: dict) -> set[str] | None:
+        streamable = Qwen3Parser._streamable_string_keys(properties)
+        if streamable is None:
+            return None
+        return {key for key in streamable if not _constrains_strings(properties.get(key))}
+
+
+# Registered on import too, so plain `vllm serve --tool-parser-plugin <this file>`
+# serves the same parser (the benchmark's side-by-side runs).
+@ToolParserManager.register_module("qwen3_xml_schema")
+class Qwen3XmlSchemaToolParser(Qwen3EngineToolParser):
+    _parser_engine_cls = SchemaFittedQwen3Parser
+
+
+SchemaFittedQwen3Parser.tool_parser_cls = Qwen3XmlSchemaToolParser  # type: ignore[attr-defined]
