@@ -127,8 +127,32 @@ async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, ENGINE_DEAD_MESSAGE, headers={"Retry-After": "5"})
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+BODY_SHAPE_MESSAGE = "Invalid request: a field of the body has a value of the wrong type or shape."
+
+
+def raised_while_reading_the_body(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of FastAPI's body parsing (a pydantic validator
+    of vLLM's request models that assumed a type the body did not have, e.g.
+    iterating ``"messages": false``), not out of an endpoint."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.replace("\\", "/").endswith("fastapi/dependencies/utils.py"):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+def unexpected_error_response(exc: BaseException, method: str, path: str) -> JSONResponse:
+    """An exception nothing else handled: a 400 if the body's parsing raised
+    it, else a bug of ours (generic 500 with an error id)."""
+    if isinstance(exc, (TypeError, ValueError)) and raised_while_reading_the_body(exc):
+        logger.info("%s %s: body refused (%s in request parsing)", method, path, type(exc).__name__)
+        return error_response(400, BODY_SHAPE_MESSAGE)
     return internal_error_response(exc)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected_error_response(exc, request.method, request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -18,7 +18,7 @@ from lnarize_serve.gpu import GpuFacts, profile_for
 from lnarize_serve.settings import ConfigError, Settings, env_name
 
 # More draft tokens than this crash the Gated DeltaNet attention metadata
-# builder on qwen3_5 / qwen3_next hybrids (vLLM issue 37035, gdn_attn).
+# builder on qwen3_5 / qwen3_next hybrids (github.com/vllm-project/vllm/issues/37035, gdn_attn).
 MAX_HYBRID_MTP_TOKENS = 4
 
 
@@ -102,7 +102,7 @@ def _hybrid_choices(b: _Builder, hybrid: bool, on_gpu: bool) -> None:
         )
     if b.current("enable_prefix_caching"):
         # Prefix caching + MTP on qwen3_5 / qwen3_next hybrids crashed (illegal
-        # memory access, vLLM issues 50021, 53726) and corrupted output (53912)
+        # memory access, vllm-project/vllm#50021, #53726) and corrupted output (#53912)
         # outside the align mode; stated explicitly so a changed vLLM default
         # cannot move it.
         b.engine("mamba_cache_mode", "align", "hybrid + prefix caching: the mode MTP + prefix caching is safe in")
@@ -127,7 +127,7 @@ def _gpu_choices(b: _Builder, profile: str, facts: CheckpointFacts | None) -> No
             b.engine("compilation_config", {"cudagraph_mode": "NONE"}, "int4 AutoRound + MTP on SM12x: graph capture invalid")
         else:
             # FULL CUDA graphs with the XQA decode kernel silently corrupt
-            # attention on SM120 (vLLM issue 49010: needle 0/4, MTP acceptance
+            # attention on SM120 (vllm-project/vllm#49010: needle 0/4, MTP acceptance
             # collapses); PIECEWISE keeps graphs for everything else. The GB10
             # card runs cudagraph_mode PIECEWISE too.
             b.engine("compilation_config", {"cudagraph_mode": "PIECEWISE"}, "SM12x: FULL graphs + XQA decode corrupt attention")

@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lnarize_serve.errors import error_body, internal_error_response
+from lnarize_serve.errors import error_body, internal_error_response, unexpected_error_response
 from lnarize_serve.health import RETRY_AFTER_SECONDS
 from lnarize_serve.lifecycle import Phase
 
@@ -158,7 +158,7 @@ class InternalErrorShieldMiddleware:
                 # more can be said over HTTP; log and close the connection.
                 logger.exception("request failed after its response started: %s %s", scope["method"], scope["path"])
                 return
-            response = internal_error_response(exc)
+            response = unexpected_error_response(exc, scope["method"], scope["path"])
             await response(scope, receive, send)
 
 

@@ -110,4 +110,7 @@ class CheckedServing:
             response = create_error_response(exc)
             if response.error.code >= 500:
                 raise
+            if isinstance(exc, TypeError):
+                # Its text is Python's ("'bool' object is not iterable"), not a message for a client.
+                response.error.message = "Invalid request: a value has the wrong type or shape for this request."
             return response

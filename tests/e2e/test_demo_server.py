@@ -246,6 +246,21 @@ def test_unknown_role_is_400(client):
     assert_bad_request(refused, "messages[0].role", "'wizard'")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # vLLM's request models iterate these before pydantic checks their
+        # type; found by the API fuzzer as 500s.
+        {"messages": False, "model": False, "structured_outputs": {"choice": [0.0, 0.0]}, "max_tokens": 4},
+        {"messages": False, "model": MODEL, "max_tokens": 4},
+    ],
+)
+def test_a_body_of_the_wrong_shape_is_400_not_500(server, body):
+    response = httpx.post(f"{server.url}{CHAT}", json=body, headers=auth(), timeout=30)
+    assert_openai_error(response, 400, "BadRequestError")
+    assert "not iterable" not in response.text
+
+
 def test_an_image_for_the_text_only_model_is_400_not_500(client):
     # vLLM's message parsing raises a plain ValueError for this; found by the API fuzzer.
     content = [{"type": "text", "text": "what is this?"},

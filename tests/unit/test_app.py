@@ -154,6 +154,35 @@ def test_unexpected_errors_leak_nothing(loading_app, client_of):
     assert "error_id=" in error["message"]
 
 
+def test_a_body_validator_that_trips_over_the_wrong_type_is_400(loading_app, client_of):
+    # vLLM's request models have validators that iterate "messages" before
+    # pydantic checks its type: `"messages": false` raised a bare TypeError out
+    # of body parsing (found by the API fuzzer). A stand-in model does the same.
+    from pydantic import BaseModel, model_validator
+
+    class Body(BaseModel):
+        messages: list[dict]
+
+        @model_validator(mode="before")
+        @classmethod
+        def peek(cls, data):
+            [m for m in data["messages"]]
+            return data
+
+    app, starter = loading_app()
+
+    async def chat(body: Body):
+        return {"ok": True}
+
+    app.add_api_route("/chat", chat, methods=["POST"])
+    client = client_of(app, starter)
+    response = client.post("/chat", json={"messages": False})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "BadRequestError" and "not iterable" not in error["message"]
+    assert client.post("/chat", json={"messages": [{"role": "user"}]}).status_code == 200
+
+
 @pytest.mark.parametrize("exc_class", [ValueError, TypeError])
 def test_server_bugs_are_500_with_an_error_id_not_400(loading_app, client_of, caplog, exc_class):
     app, starter = loading_app()

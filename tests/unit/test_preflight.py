@@ -37,9 +37,11 @@ def clean_env(monkeypatch, tmp_path):
         if key.upper().startswith("LNARIZE_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("LNARIZE_CACHE_DIR", str(tmp_path))
-    # No network here: huggingface_hub reads HF_HUB_OFFLINE once, at import.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # No network here. huggingface_hub reads HF_HUB_OFFLINE once, at import:
+    # patch its constant first, so a first import happens under the real
+    # environment and the value restored after the test is the real one.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def problems_for(gpu, weights=QWEN36_27B.weights_bytes, checkpoint=None, runtime_cuda=(12, 9)):
@@ -71,10 +73,26 @@ def test_bf16_checkpoint_on_turing_asks_for_float16(monkeypatch):
     assert not any("bfloat16" in p or "SM" in p.split(":")[0] for p in problems)
 
 
-def test_impossible_long_context_plan_names_the_numbers_and_what_would_fit(monkeypatch):
-    # The long-context preset (4 x 262144, bf16 KV) on an 80 GB H100: vLLM's
-    # arithmetic gives 2.79 sequences of 256K.
+def test_the_long_context_preset_fits_its_gpus_with_its_fp8_kv_cache(monkeypatch):
     monkeypatch.setenv("LNARIZE_PROFILE", "long-context")
+    assert problems_for(H100) == []
+    assert problems_for(RTX_PRO_6000) == []
+
+
+def test_the_three_long_context_variables_fit_on_top_of_the_default_preset(monkeypatch):
+    # SERVE.md's second way into long-context mode (interactive's 0.85 memory use).
+    for name, value in (("LNARIZE_MAX_MODEL_LEN", "262144"), ("LNARIZE_MAX_NUM_SEQS", "4"),
+                        ("LNARIZE_KV_CACHE_DTYPE", "fp8")):
+        monkeypatch.setenv(name, value)
+    assert problems_for(H100) == []
+    assert problems_for(RTX_PRO_6000) == []
+
+
+def test_impossible_long_context_plan_names_the_numbers_and_what_would_fit(monkeypatch):
+    # The long-context preset (4 x 262144) with bf16 KV on an 80 GB H100:
+    # vLLM's arithmetic gives 2.79 sequences of 256K.
+    monkeypatch.setenv("LNARIZE_PROFILE", "long-context")
+    monkeypatch.setenv("LNARIZE_KV_CACHE_DTYPE", "auto")
     (line,) = problems_for(H100)
     assert line.startswith("memory plan: 4 x 262,144 tokens = 1,048,576 tokens of KV do not fit on NVIDIA H100")
     assert "73.6 GiB at LNARIZE_GPU_MEM_UTIL=0.92 - 20.0 GiB weights - 4 GiB overhead = 49.6 GiB" in line
@@ -123,6 +141,7 @@ def test_cpu_demo_skips_the_gpu_checks(monkeypatch):
 def test_preflight_takes_well_under_a_second(monkeypatch):
     monkeypatch.setattr("lnarize_serve.preflight.gpu_expected", lambda settings: True)
     monkeypatch.setenv("LNARIZE_PROFILE", "long-context")
+    monkeypatch.setenv("LNARIZE_KV_CACHE_DTYPE", "auto")  # so the memory plan has something to refuse
     settings = load_settings()
     started = time.perf_counter()
     launch = resolve_launch(settings, settings.model, online=True, probe=lambda: H100)
@@ -171,13 +190,15 @@ sys.exit(cli.main(["serve"]))
 @pytest.mark.parametrize(
     ("gpu", "profile", "expected"),
     [
-        (("NVIDIA H100 80GB HBM3", (9, 0), 80 * GIB, (12, 8)), "long-context", "memory plan: 4 x 262,144 tokens"),
+        (("NVIDIA H100 80GB HBM3", (9, 0), 80 * GIB, (12, 8)), "long-context-bf16", "memory plan: 4 x 262,144 tokens"),
         (("Quadro RTX 8000", (7, 5), 48 * GIB, (12, 8)), "interactive", "need SM >= 8.0"),
         (("NVIDIA GeForce RTX 4090", (8, 9), 24 * GIB, (12, 8)), "interactive", "is too small"),
     ],
 )
 def test_serve_refuses_in_one_line_and_exit_2(gpu, profile, expected, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LNARIZE_")}
+    if profile == "long-context-bf16":
+        profile, env["LNARIZE_KV_CACHE_DTYPE"] = "long-context", "auto"
     env.update(
         PYTHONPATH=str(REPO), LNARIZE_PROFILE=profile, LNARIZE_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1"
     )
@@ -194,6 +215,7 @@ def test_serve_md_quotes_the_preflight_line_and_lists_every_gpu_preset(monkeypat
 
     serve_md = (REPO / "SERVE.md").read_text()
     monkeypatch.setenv("LNARIZE_PROFILE", "long-context")
+    monkeypatch.setenv("LNARIZE_KV_CACHE_DTYPE", "auto")
     (line,) = problems_for(H100)
     assert f"lnarize-serve: preflight: {line}" in serve_md
     section = serve_md.split("| GPU (`LNARIZE_GPU_PROFILE`) |", 1)[1].split("\n\n", 1)[0]

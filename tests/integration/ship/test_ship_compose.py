@@ -64,13 +64,14 @@ def test_plain_up_serves_the_interactive_profile(service, monkeypatch) -> None:
 def test_profile_long_context_from_the_shell(service, monkeypatch) -> None:
     settings = settings_for(service, {"LNARIZE_PROFILE": "long-context"}, monkeypatch)
     assert (settings.max_model_len, settings.max_num_seqs, settings.gpu_mem_util) == (262144, 4, 0.92)
+    assert settings.kv_cache_dtype == "fp8"
 
 
 def test_the_three_explicit_long_context_variables(service, monkeypatch) -> None:
-    shell = {"LNARIZE_MAX_MODEL_LEN": "262144", "LNARIZE_MAX_NUM_SEQS": "4", "LNARIZE_GPU_MEM_UTIL": "0.92"}
+    shell = {"LNARIZE_MAX_MODEL_LEN": "262144", "LNARIZE_MAX_NUM_SEQS": "4", "LNARIZE_KV_CACHE_DTYPE": "fp8"}
     settings = settings_for(service, shell, monkeypatch)
     assert settings.profile == "interactive"
-    assert (settings.max_model_len, settings.max_num_seqs, settings.gpu_mem_util) == (262144, 4, 0.92)
+    assert (settings.max_model_len, settings.max_num_seqs, settings.kv_cache_dtype) == (262144, 4, "fp8")
 
 
 def test_stop_grace_period_exceeds_the_drain_timeout(service, monkeypatch) -> None:
