@@ -99,6 +99,16 @@ def test_bad_input_raised_by_vllms_processing_is_a_400_with_its_message():
     assert "not a multimodal model" in response.error.message
 
 
+def test_an_integer_the_engine_cannot_carry_is_a_400():
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    try:
+        raise EngineGenerateError() from OverflowError("can't serialize ints < -2**63 or > 2**64 - 1")
+    except EngineGenerateError as exc:
+        response = _chat(exc)
+    assert response.error.code == 400 and "out of range" in response.error.message
+
+
 def test_other_exceptions_from_vllm_are_not_turned_into_client_errors():
     from vllm.v1.engine.exceptions import EngineDeadError
 
