@@ -117,14 +117,16 @@ async def _on_vllm_client_error(request: Request, exc: Exception) -> JSONRespons
     return error_response(status, info.message, info.param)
 
 
-ENGINE_DEAD_MESSAGE = "The inference engine stopped; this server is shutting down. Retry on another replica."
+ENGINE_DEAD_MESSAGE = "The inference engine has died; the server is restarting."
 
 
 async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:
     # Not a bug of this request: the watchdog is already taking the process
     # down (exit 3). One line, no traceback; the client may retry elsewhere.
     logger.warning("%s %s: engine dead, answered 503", request.method, request.url.path)
-    return error_response(503, ENGINE_DEAD_MESSAGE, headers={"Retry-After": "5"})
+    from lnarize_serve.health import RETRY_AFTER_SECONDS
+
+    return error_response(503, ENGINE_DEAD_MESSAGE, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 BODY_SHAPE_MESSAGE = "Invalid request: a field of the body has a value of the wrong type or shape."

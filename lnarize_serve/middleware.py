@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lnarize_serve.errors import error_body, internal_error_response, unexpected_error_response
+from lnarize_serve.errors import ENGINE_DEAD_MESSAGE, error_body, internal_error_response, unexpected_error_response
 from lnarize_serve.health import RETRY_AFTER_SECONDS
 from lnarize_serve.lifecycle import Phase
 
@@ -238,8 +238,6 @@ class BodySizeLimitMiddleware:
             send, 413, f"Request body too large: the limit is {self.max_bytes} bytes (LNARIZE_MAX_REQUEST_BYTES)."
         )
 
-
-ENGINE_DEAD_MESSAGE = "The inference engine has died; the server is restarting."
 
 _NOT_READY_MESSAGES: dict[Phase, str] = {
     Phase.LOADING: "The model is still loading; retry shortly.",

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from lnarize_serve.engine import EngineHandle, prepare_engine_args, start_engine
 from lnarize_serve.lifecycle import FATAL_PHASES, Lifecycle, Phase
 from lnarize_serve.metrics import ServerMetrics
-from lnarize_serve.middleware import CUT_UNWIND_SECONDS, ENGINE_DEAD_MESSAGE
+from lnarize_serve.errors import ENGINE_DEAD_MESSAGE
+from lnarize_serve.middleware import CUT_UNWIND_SECONDS
 from lnarize_serve.settings import Settings
 
 if TYPE_CHECKING:

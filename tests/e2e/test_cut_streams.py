@@ -22,6 +22,7 @@ import httpx
 import psutil
 import pytest
 
+from lnarize_serve.runtime import EXIT_ENGINE_DIED
 from tests.e2e.conftest import running_server
 from tests.e2e.server_process import base_env
 
@@ -30,7 +31,6 @@ pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
 DRAIN_TIMEOUT = 15
-EXIT_ENGINE_DIED = 3  # lnarize_serve.runtime
 ENDLESS_STREAM = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Write a very long essay about the history of Europe."}],
