@@ -85,6 +85,20 @@ def _none_if_blank(value: Any) -> Any:
     return value
 
 
+def _json_object(value: Any, what: str) -> Any:
+    """A JSON-object setting: "" is {}, a string is parsed, anything but an object is refused."""
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object of {what}")
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -289,16 +303,7 @@ class Settings(BaseSettings):
     @field_validator("sampling_defaults", mode="before")
     @classmethod
     def _parse_sampling_defaults(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object of sampling parameters")
-        return value
+        return _json_object(value, "sampling parameters")
 
     @field_validator("sampling_defaults")
     @classmethod
@@ -311,16 +316,7 @@ class Settings(BaseSettings):
     @field_validator("engine_args", mode="before")
     @classmethod
     def _parse_engine_args(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object of AsyncEngineArgs fields")
-        return value
+        return _json_object(value, "AsyncEngineArgs fields")
 
     @field_validator("engine_args")
     @classmethod
