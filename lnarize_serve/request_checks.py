@@ -98,17 +98,16 @@ class CheckedServing:
         return await self._refuse(request) or await self._answer(self.inner.create_completion, request, raw_request)
 
     async def _answer(self, serve: Any, request: Any, raw_request: Request | None) -> Any:
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.v1.engine.exceptions import EngineGenerateError
 
         try:
             return await serve(request, raw_request)
         except EngineGenerateError as exc:
-            # An integer the request models let through (e.g. `priority`
-            # 2**70) that the engine's wire format cannot carry: the request's
-            # fault, found before the engine saw it.
+            # An integer the request models let through (e.g. `top_k` 2**70)
+            # that the engine's wire format cannot carry: the request's fault,
+            # found before the engine saw it.
             if isinstance(exc.__cause__, OverflowError):
-                from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
                 return create_error_response("Invalid request: an integer in the request is out of range (64 bits at most).")
             raise
         except CLIENT_INPUT_ERRORS as exc:
@@ -116,8 +115,6 @@ class CheckedServing:
             # raw exceptions for bad input, e.g. an image for a text-only model;
             # `vllm serve` classifies them with its own mapper, and so do we.
             # Only this call is covered: the same exception from our code is a bug (500).
-            from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
             response = create_error_response(exc)
             if response.error.code >= 500:
                 raise

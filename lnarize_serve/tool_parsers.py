@@ -17,14 +17,12 @@ non-streamed arguments are the same.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jsonschema
 from vllm.parser.qwen3 import Qwen3Parser
 from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
 from vllm.tool_parsers.qwen3_engine_tool_parser import Qwen3EngineToolParser
-from vllm.tool_parsers.utils import find_tool_properties
 
 # Schema keywords that say nothing about which strings are valid.
 _ANNOTATIONS = frozenset({"type", "title", "description", "default", "examples", "deprecated"})
@@ -62,19 +60,17 @@ def _constrains_strings(schema: Any) -> bool:
 
 
 class SchemaFittedQwen3Parser(Qwen3Parser):
-    def _fix_arg_types(self, args_json: str, func_name: str) -> str:
-        fixed = super()._fix_arg_types(args_json, func_name)
-        properties = find_tool_properties(self._tools, func_name) if self._tools and func_name else {}
-        if not properties:
-            return fixed
-        try:
-            args = json.loads(fixed)
-        except ValueError:
-            return fixed
-        if not isinstance(args, dict):
-            return fixed
+    @staticmethod
+    def _coerce_dict(args: dict, properties: dict) -> tuple[dict, bool]:
+        # vLLM's type coercion of the top-level arguments (its `_fix_arg_types`
+        # calls this with the tool's properties and re-serializes when
+        # `changed`), then the fitting; `args` is changed in place, as there.
+        args, changed = Qwen3Parser._coerce_dict(args, properties)
         fitted = fit_to_schema(args, {"properties": properties})
-        return fixed if fitted == args else json.dumps(fitted, ensure_ascii=False)
+        if fitted != args:
+            args.update(fitted)
+            changed = True
+        return args, changed
 
     @staticmethod
     def _streamable_string_keys(properties: dict) -> set[str] | None:
