@@ -49,6 +49,7 @@ import httpx
 from lnarize_serve.bench.client import ChatEndpoint, RequestResult, make_http_client, stream_chat
 from lnarize_serve.bench.servers import ServerProcess, free_port, plan_pair
 from lnarize_serve.bench.workload import TokenizerPrompts, load_tokenizer
+from lnarize_serve.kvtc.runtime_config import kvtc_enabled
 
 PLAIN_VLLM_ARM = "vllm"
 MTP_COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
@@ -151,7 +152,7 @@ def planner_tokens(env: dict[str, str], kv_bytes: int, arm: Arm) -> int | None:
     config = json.loads(subprocess.run([sys.executable, "-m", "lnarize_serve", "config", "--json"], env=env,
                                        capture_output=True, text=True, check=True, timeout=300).stdout)
     args = config["vllm_engine_args"]
-    if env.get("LNARIZE_KVTC_ENABLE", "").lower() in ("1", "true", "yes", "on"):
+    if kvtc_enabled(env):
         mode = "kvtc"
     elif str(args.get("kv_cache_dtype", "auto")).startswith("fp8"):
         mode = "fp8"
@@ -280,7 +281,7 @@ def run_arm(arm: Arm, base_env: dict[str, str], args: argparse.Namespace, prompt
     metrics_url = f"http://127.0.0.1:{server.port}/metrics"
     try:
         wait_ready(server, result, args.start_timeout)
-        if env.get("LNARIZE_KVTC_ENABLE", "").lower() in ("1", "true", "yes", "on"):
+        if kvtc_enabled(env):
             log_at_ready = server.log_path.read_text(errors="replace") if server.log_path.is_file() else ""
             result.kvtc_decode_before_ready = KVTC_FIRST_DECODE in log_at_ready
         startup = parse_metrics(httpx.get(metrics_url, timeout=10).text)

@@ -89,6 +89,11 @@ def kvtc_slot_bytes_for_budget(head_dim: int, key_bits: float, value_bits: float
     return slot + slot % 2
 
 
+def default_kvtc_slot_bytes(head_dim: int) -> int:
+    """The slot the planner assumes when no calibration is given: K2V4."""
+    return kvtc_slot_bytes_for_budget(head_dim, 2, 4)
+
+
 # --------------------------------------------------------------------------
 # Model geometry
 # --------------------------------------------------------------------------
@@ -433,7 +438,7 @@ def plan_rows(
     kvtc_slot_bytes: int | None = None,
 ) -> list[ModeCapacity]:
     if kvtc_slot_bytes is None:
-        kvtc_slot_bytes = kvtc_slot_bytes_for_budget(geometry.head_dim, 2, 4)
+        kvtc_slot_bytes = default_kvtc_slot_bytes(geometry.head_dim)
     return [mode_capacity(geometry, request, m, kvtc_slot_bytes) for m in modes]
 
 

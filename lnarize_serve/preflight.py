@@ -20,9 +20,9 @@ from lnarize_serve.plan import (
     QWEN36_27B,
     ModelGeometry,
     PlanRequest,
+    default_kvtc_slot_bytes,
     geometry_from_hf_config,
     kv_memory_from_gpu,
-    kvtc_slot_bytes_for_budget,
     mode_capacity,
 )
 
@@ -128,7 +128,7 @@ def memory_problems(
             f"{weights_bytes / GIB:.1f} GiB of weights + {OVERHEAD_BYTES / GIB:.0f} GiB overhead, let alone a KV cache "
             f"(needs more than {need / util:.0f} GiB of GPU memory)"
         ]
-    slot = kvtc_slot_bytes_for_budget(geometry.head_dim, 2, 4)
+    slot = default_kvtc_slot_bytes(geometry.head_dim)
     tokens = settings.speculative_tokens
 
     def capacity(kv_mode: str, seqs: int, length: int):
