@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -82,6 +83,19 @@ def _none_if_blank(value: Any) -> Any:
     # "" or "none" in an env var means "off" for optional string knobs.
     if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
         return None
+    return value
+
+
+def _vllm_choice(value: Any, what: str, choices: Callable[[], Iterable[str]], also: tuple[str, ...] = ()) -> Any:
+    """``value`` if it is one of vLLM's ``choices`` (or ``also``); None passes.
+    Skipped in the first validation pass, which must not import vLLM."""
+    from lnarize_serve.vllm_choices import lookups_enabled
+
+    if value is None or not lookups_enabled():
+        return value
+    allowed = [*also, *choices()]
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
     return value
 
 
@@ -244,48 +258,30 @@ class Settings(BaseSettings):
     @field_validator("quantization")
     @classmethod
     def _known_quantization(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import lookups_enabled, quantization_methods
+        from lnarize_serve.vllm_choices import quantization_methods
 
-        if not lookups_enabled():
-            return value
-        allowed = ["auto", *quantization_methods()]
-        if value not in allowed:
-            raise ValueError(f"unknown quantization {value!r}; allowed: {', '.join(allowed)}")
-        return value
+        return _vllm_choice(value, "quantization", quantization_methods, also=("auto",))
 
     @field_validator("kv_cache_dtype")
     @classmethod
     def _known_kv_cache_dtype(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import lookups_enabled, kv_cache_dtypes
+        from lnarize_serve.vllm_choices import kv_cache_dtypes
 
-        if not lookups_enabled():
-            return value
-        allowed = kv_cache_dtypes()
-        if value not in allowed:
-            raise ValueError(f"unknown KV cache dtype {value!r}; allowed: {', '.join(allowed)}")
-        return value
+        return _vllm_choice(value, "KV cache dtype", kv_cache_dtypes)
 
     @field_validator("tool_call_parser")
     @classmethod
     def _known_tool_call_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import lookups_enabled, tool_call_parsers
+        from lnarize_serve.vllm_choices import tool_call_parsers
 
-        if not lookups_enabled():
-            return value
-        if value is not None and value not in tool_call_parsers():
-            raise ValueError(f"unknown tool-call parser {value!r}; allowed: none, {', '.join(tool_call_parsers())}")
-        return value
+        return _vllm_choice(value, "tool-call parser", tool_call_parsers, also=("none",))
 
     @field_validator("reasoning_parser")
     @classmethod
     def _known_reasoning_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import lookups_enabled, reasoning_parsers
+        from lnarize_serve.vllm_choices import reasoning_parsers
 
-        if not lookups_enabled():
-            return value
-        if value is not None and value not in reasoning_parsers():
-            raise ValueError(f"unknown reasoning parser {value!r}; allowed: none, {', '.join(reasoning_parsers())}")
-        return value
+        return _vllm_choice(value, "reasoning parser", reasoning_parsers, also=("none",))
 
     @field_validator("dtype")
     @classmethod
