@@ -36,6 +36,10 @@ def base_env(**settings: str) -> dict[str, str]:
 
 
 class ServerProcess:
+    # Every server started in this test process, so a failed test's report can
+    # show what its servers logged (tests/e2e/conftest.py).
+    started: list[ServerProcess] = []
+
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.env = dict(env, LNARIZE_PORT=str(self.port))
@@ -53,7 +57,14 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: cleanup reaches the engine too
         )
+        ServerProcess.started.append(self)
         return self
+
+    def state(self) -> str:
+        if self.process is None:
+            return "not started"
+        code = self.process.poll()
+        return "running" if code is None else f"exited with code {code}"
 
     def log_tail(self, lines: int = 60) -> str:
         try:
