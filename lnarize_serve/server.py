@@ -27,28 +27,38 @@ FINAL_CLOSE_SECONDS = 3.0
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose SIGTERM/SIGINT start a drain instead of an immediate stop.
 
-    uvicorn's own handler would re-raise the signal after shutdown, turning a
-    clean drain into exit status 143; ours never re-raises.
+    While draining, SIGINT (Ctrl-C again) stops at once; a repeated SIGTERM is
+    logged and changes nothing: supervisors escalate with SIGKILL, and a
+    duplicate SIGTERM (a wrapper forwarding what the group also got) must not
+    cut the requests the first one promised to finish. uvicorn's own handler
+    would also re-raise the signal after shutdown, turning a clean drain into
+    exit status 143; ours never re-raises.
     """
 
     def __init__(self, config: uvicorn.Config, runtime: ServerRuntime) -> None:
         super().__init__(config)
         self.runtime = runtime
         runtime.request_server_exit = self._request_exit
-        self._signals_seen = 0
+        self._draining = False
 
     def _request_exit(self) -> None:
         self.should_exit = True
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        self._signals_seen += 1
-        if self._signals_seen == 1:
+        if not self._draining:
+            self._draining = True
             logger.info("received %s: draining (up to %.0f s)", sig.name, self.runtime.settings.drain_timeout)
             self.runtime.begin_drain()
-        else:
-            logger.warning("received %s again: stopping now", sig.name)
+        elif sig == signal.SIGINT:
+            logger.warning("received SIGINT while draining: stopping now")
             self.should_exit = True
             self.force_exit = True
+        else:
+            logger.warning(
+                "received %s again while draining: ignored (the drain ends within LNARIZE_DRAIN_TIMEOUT, %.0f s; "
+                "SIGINT or SIGKILL stops at once)",
+                sig.name, self.runtime.settings.drain_timeout,
+            )
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
-DRAIN_TIMEOUT = 15
+# Longer than all the probing after SIGTERM (at most 20 s), so the cut never
+# races the probes on a slow machine.
+DRAIN_TIMEOUT = 30
 ENDLESS_STREAM = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Write a very long essay about the history of Europe."}],

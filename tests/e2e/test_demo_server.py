@@ -450,6 +450,9 @@ def test_sigterm_drains_an_in_flight_stream_and_exits_0(server):
         server.send_signal(signal.SIGTERM)
         ready = httpx.get(f"{server.url}/health/ready", timeout=5)
         assert ready.status_code == 503 and ready.json()["phase"] == "draining"
+        # A second SIGTERM once draining (a wrapper forwarding what the group
+        # also got) must not cut the drain.
+        server.send_signal(signal.SIGTERM)
         refused = httpx.post(f"{server.url}{CHAT}", json={"model": MODEL, "messages": GOOD_MESSAGES}, headers=auth(), timeout=5)
         assert_openai_error(refused, 503, "ServiceUnavailableError")
         assert refused.headers["retry-after"].isdigit()
@@ -463,3 +466,4 @@ def test_sigterm_drains_an_in_flight_stream_and_exits_0(server):
                 finish_reason = choice.get("finish_reason") or finish_reason
     assert finish_reason == "length"  # completed, not aborted
     assert server.wait_exit(timeout=DRAIN_TIMEOUT) == 0
+    assert "received SIGTERM again while draining: ignored" in server.log_path.read_text()
