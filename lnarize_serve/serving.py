@@ -82,7 +82,12 @@ async def install_openai_serving(
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
     from lnarize_serve.request_checks import CheckedServing
+    from lnarize_serve.request_defaults import thinking_budget_problem
+    from lnarize_serve.settings import ConfigError
 
+    problem = thinking_budget_problem(settings, engine.vllm_config.reasoning_config)
+    if problem:
+        raise ConfigError(problem)
     namespace = frontend_args(settings, engine_args)
     supported_tasks = await engine.get_supported_tasks()
     await init_app_state(engine, state, namespace, supported_tasks)
@@ -90,4 +95,4 @@ async def install_openai_serving(
     for name in ("openai_serving_chat", "openai_serving_completion"):
         handler = getattr(state, name, None)
         if handler is not None:
-            setattr(state, name, CheckedServing(handler, settings.max_n))
+            setattr(state, name, CheckedServing(handler, settings.max_n, settings.thinking_token_budget))
