@@ -130,6 +130,7 @@ def request_defaults(launch: Any) -> dict[str, dict[str, Any]]:
         "sampling": ("sampling_defaults", settings.sampling_defaults or "none: the checkpoint's generation_config.json"),
         "enable_thinking": ("thinking_default", settings.thinking_default if settings.thinking_default is not None
                             else "the chat template's own default"),
+        "chat_template": ("chat_template", settings.chat_template or "the model's own"),
         "thinking_token_budget": ("thinking_token_budget", settings.thinking_token_budget
                                   if settings.thinking_token_budget is not None else "none (no cap)"),
     }

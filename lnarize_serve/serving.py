@@ -69,6 +69,11 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     # Usage in every final streaming chunk only when the client asks for it
     # (stream_options.include_usage), as in OpenAI's API.
     namespace.enable_force_include_usage = False
+    if settings.chat_template is not None:
+        from lnarize_serve.chat_templates import chat_template_path
+
+        # As `vllm serve --chat-template PATH`: vLLM's serving classes load the file.
+        namespace.chat_template = str(chat_template_path(settings.chat_template))
     if settings.thinking_default is not None:
         # Defaults under a request's own chat_template_kwargs (vLLM merges them).
         namespace.default_chat_template_kwargs = {"enable_thinking": settings.thinking_default}

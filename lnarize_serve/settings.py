@@ -228,6 +228,11 @@ class Settings(BaseSettings):
         "reasoning parser's end marker is forced (a request's own value wins, -1 there = unlimited); needs "
         "LNARIZE_REASONING_PARSER; unset: no cap.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for /v1/chat/completions: a shipped name (qwen3-fixed, for the qwen3_xml tool "
+        "parsers) or the path of a Jinja file; unset: the model's own.",
+    )
     # Names of the settings given explicitly (env or flag, not the preset or a
     # default): only those may contradict the checkpoint or a hardware preset.
     _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
@@ -257,6 +262,20 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return _none_if_blank(value)
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _blank_template_is_none(cls, value: Any) -> Any:
+        return _none_if_blank(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        from lnarize_serve.chat_templates import chat_template_path
+
+        if value is not None:
+            chat_template_path(value)
+        return value
 
     @field_validator("cache_dir", mode="before")
     @classmethod
