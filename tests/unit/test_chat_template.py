@@ -108,3 +108,26 @@ def test_an_unknown_name_or_missing_file_is_one_configuration_error(monkeypatch,
     assert len(message.splitlines()) == 1
     assert f"invalid setting LNARIZE_CHAT_TEMPLATE={value!r}" in message
     assert "neither a shipped chat template (qwen3-fixed) nor a file" in message
+
+
+def test_the_rendered_call_is_what_the_qwen3_xml_parser_reads_back(tmp_path):
+    # The template's pairing: a call it renders into history parses back to
+    # the same arguments with vLLM's qwen3_xml parser.
+    import json
+
+    from transformers import AutoTokenizer
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.tool_parsers import ToolParserManager
+
+    from tests.fixtures.tiny_qwen3_next import write_byte_tokenizer
+
+    write_byte_tokenizer(tmp_path, added_tokens=("<think>", "</think>", "<tool_call>", "</tool_call>"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    arguments = {"city": "Paris", "days": 3}
+    prompt = render(TOOL_TURN, enable_thinking=False)
+    turn = prompt.split("<|im_start|>assistant\n<think>\n\n</think>\n\n")[1].split("<|im_end|>")[0]
+    request = ChatCompletionRequest(model="m", messages=TOOL_TURN[:2], tools=[WEATHER])
+    parser = ToolParserManager.get_tool_parser("qwen3_xml")(tokenizer, tools=request.tools)
+    (call,) = parser.extract_tool_calls(turn, request).tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == arguments
