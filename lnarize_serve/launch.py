@@ -59,7 +59,8 @@ class LaunchPlan:
         what = env_name(name)
         for choice in self.choices:
             if choice.what == what:
-                return f"gpu_profile {self.gpu_profile} x family {self.checkpoint.family if self.checkpoint else '?'}: {choice.why}"
+                family = f" x family {self.checkpoint.family}" if self.checkpoint else ""
+                return f"gpu_profile {self.gpu_profile}{family}: {choice.why}"
         if name in self.settings.explicitly_set:
             return what
         if getattr(self.settings, name) == Settings.model_fields[name].get_default(call_default_factory=True):

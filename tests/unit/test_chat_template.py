@@ -131,3 +131,15 @@ def test_the_rendered_call_is_what_the_qwen3_xml_parser_reads_back(tmp_path):
     (call,) = parser.extract_tool_calls(turn, request).tool_calls
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == arguments
+
+
+def test_config_shows_the_chat_template_and_its_origin(monkeypatch, capsys):
+    from lnarize_serve import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("lnarize_serve.gpu.probe_gpu", lambda: None)
+    assert cli.main(["config"]) == 0
+    assert "chat_template: the model's own (from default)" in capsys.readouterr().out
+    monkeypatch.setenv("LNARIZE_CHAT_TEMPLATE", "qwen3-fixed")
+    assert cli.main(["config"]) == 0
+    assert "chat_template: qwen3-fixed (from LNARIZE_CHAT_TEMPLATE)" in capsys.readouterr().out
