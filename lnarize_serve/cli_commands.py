@@ -118,8 +118,23 @@ def describe_configuration(settings: Settings, probe: Any = None) -> dict[str, A
             "speculative_decoding": engine_values["speculative_config"] or "off",
             "cuda_graphs": "off (enforce_eager)" if engine_values["enforce_eager"] else "on",
         },
+        "request_defaults": request_defaults(launch),
         "vllm_engine_args": engine_values,
     }
+
+
+def request_defaults(launch: Any) -> dict[str, dict[str, Any]]:
+    """What a request gets for what it leaves out, and where each default came from."""
+    settings = launch.settings
+    shown = {
+        "sampling": ("sampling_defaults", settings.sampling_defaults or "none: the checkpoint's generation_config.json"),
+        "enable_thinking": ("thinking_default", settings.thinking_default if settings.thinking_default is not None
+                            else "the chat template's own default"),
+        "chat_template": ("chat_template", settings.chat_template or "the model's own"),
+        "thinking_token_budget": ("thinking_token_budget", settings.thinking_token_budget
+                                  if settings.thinking_token_budget is not None else "none (no cap)"),
+    }
+    return {key: {"value": value, "from": launch.origin(name)} for key, (name, value) in shown.items()}
 
 
 def _env_value(value: Any) -> str:
@@ -153,6 +168,10 @@ def run_config(args: argparse.Namespace) -> int:
     print("\n# Engine shape")
     for key, value in description["engine"].items():
         print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    print("\n# Request defaults (a request's own values win)")
+    for key, default in description["request_defaults"].items():
+        value = default["value"]
+        print(f"{key}: {json.dumps(value) if not isinstance(value, str) else value} (from {default['from']})")
     print("\n# vLLM AsyncEngineArgs these settings produce")
     print(json.dumps(description["vllm_engine_args"], indent=2, default=str))
     return 0

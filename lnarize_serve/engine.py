@@ -97,6 +97,12 @@ def with_demo_kvtc_calibration(settings: Settings) -> Settings:
 
 
 def prepare_engine_args(settings: Settings) -> AsyncEngineArgs:
+    return prepare_launch(settings)[1]
+
+
+def prepare_launch(settings: Settings) -> tuple[Settings, AsyncEngineArgs]:
+    """The settings as the family and GPU preset adapted them (what the
+    frontend serves with) and the engine arguments."""
     import os
 
     check_kvtc_supported(settings)
@@ -115,7 +121,7 @@ def prepare_engine_args(settings: Settings) -> AsyncEngineArgs:
             install_kvtc(settings, location, engine_args)
         except KVTCSetupError as exc:
             raise ConfigError(str(exc)) from None
-    return engine_args
+    return settings, engine_args
 
 
 def start_engine(engine_args: AsyncEngineArgs) -> EngineHandle:

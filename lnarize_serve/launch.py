@@ -21,6 +21,11 @@ from lnarize_serve.settings import ConfigError, Settings, env_name
 # builder on qwen3_5 / qwen3_next hybrids (github.com/vllm-project/vllm/issues/37035, gdn_attn).
 MAX_HYBRID_MTP_TOKENS = 4
 
+# The Cascade NVFP4-MTP card (GB10 / DGX Spark) serves the text-only ModelOpt
+# NVFP4 checkpoint with its MTP head, with these request defaults.
+CASCADE_FAMILY = "text-nvfp4-mtp"
+CASCADE_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1}
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -48,6 +53,19 @@ class LaunchPlan:
             "choices": [f"{c.what}={c.value}: {c.why}" for c in self.choices],
             "engine_environment": dict(self.environment),
         }
+
+    def origin(self, name: str) -> str:
+        """Where the effective value of setting ``name`` came from."""
+        what = env_name(name)
+        for choice in self.choices:
+            if choice.what == what:
+                family = f" x family {self.checkpoint.family}" if self.checkpoint else ""
+                return f"gpu_profile {self.gpu_profile}{family}: {choice.why}"
+        if name in self.settings.explicitly_set:
+            return what
+        if getattr(self.settings, name) == Settings.model_fields[name].get_default(call_default_factory=True):
+            return "default"
+        return f"profile {self.settings.profile}"
 
 
 class _Builder:
@@ -155,6 +173,15 @@ def _gpu_choices(b: _Builder, profile: str, facts: CheckpointFacts | None) -> No
         )
 
 
+def _request_default_choices(b: _Builder, profile: str, facts: CheckpointFacts | None) -> None:
+    if profile != "gb10" or facts is None or facts.family != CASCADE_FAMILY:
+        return
+    b.setting("sampling_defaults", dict(CASCADE_SAMPLING), "Cascade NVFP4-MTP GB10 card: never greedy (temperature 0 loops)")
+    b.setting(
+        "thinking_default", False, "Cascade NVFP4-MTP GB10 card: thinking off unless a request's chat_template_kwargs ask"
+    )
+
+
 def resolve_gpu_profile(settings: Settings, gpu: GpuFacts | None) -> tuple[str, str]:
     if settings.gpu_profile != "auto":
         return settings.gpu_profile, f"forced by LNARIZE_GPU_PROFILE={settings.gpu_profile}"
@@ -184,6 +211,7 @@ def plan_launch(
     hybrid = checkpoint.hybrid if checkpoint is not None else True
     _hybrid_choices(builder, hybrid, on_gpu=profile != "none" or gpu is not None)
     _gpu_choices(builder, profile, checkpoint)
+    _request_default_choices(builder, profile, checkpoint)
     adapted = settings.model_copy(update=builder.updates) if builder.updates else settings
     note = checkpoint_note or (checkpoint.source if checkpoint else "")
     return LaunchPlan(

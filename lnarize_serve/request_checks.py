@@ -71,16 +71,18 @@ def json_schema_problem(schema: Any) -> str | None:
 
 class CheckedServing:
     """Wraps a vLLM serving object (chat or completion): refusals and unknown
-    models are answered before it, the rest is its business.
+    models are answered before it, the server's request defaults vLLM has no
+    place for are filled in (request_defaults.py), the rest is its business.
 
     The model check runs here too because vLLM's chat serving logs an unknown
     model (a client error) at ERROR level; here it is answered silently (the
     access log records the 404).
     """
 
-    def __init__(self, inner: Any, max_n: int) -> None:
+    def __init__(self, inner: Any, max_n: int, thinking_token_budget: int | None = None) -> None:
         self.inner = inner
         self.max_n = max_n
+        self.thinking_token_budget = thinking_token_budget
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -101,6 +103,9 @@ class CheckedServing:
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.v1.engine.exceptions import EngineGenerateError
 
+        from lnarize_serve.request_defaults import apply_request_defaults
+
+        apply_request_defaults(request, self.thinking_token_budget)
         try:
             return await serve(request, raw_request)
         except EngineGenerateError as exc:

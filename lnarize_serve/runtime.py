@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lnarize_serve.engine import EngineHandle, prepare_engine_args, start_engine
+from lnarize_serve.engine import EngineHandle, prepare_launch, start_engine
 from lnarize_serve.lifecycle import FATAL_PHASES, Lifecycle, Phase
 from lnarize_serve.metrics import ServerMetrics
 from lnarize_serve.errors import ENGINE_DEAD_MESSAGE
@@ -87,7 +87,7 @@ class ServerRuntime:
 
         try:
             self._enter(Phase.LOADING, "preparing the model")
-            engine_args = await asyncio.to_thread(prepare_engine_args, self.settings)
+            served_settings, engine_args = await asyncio.to_thread(prepare_launch, self.settings)
             self._enter(Phase.LOADING, f"building the vLLM engine for {engine_args.model}")
             handle = await asyncio.to_thread(self._build_engine, engine_args)
             self.engine = handle.engine
@@ -96,7 +96,7 @@ class ServerRuntime:
             self.metrics.engine_load_seconds.set(handle.load_seconds)
             self.metrics.kvtc.record_engine(self.engine.vllm_config)
             logger.info("engine built in %.1f s", handle.load_seconds)
-            await install_openai_serving(app.state, self.engine, self.settings, engine_args)
+            await install_openai_serving(app.state, self.engine, served_settings, engine_args)
             self._enter(
                 Phase.WARMING,
                 f"running a {warmup_max_tokens(self.settings.speculative_tokens)}-token warm-up "

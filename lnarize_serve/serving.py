@@ -69,6 +69,11 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     # Usage in every final streaming chunk only when the client asks for it
     # (stream_options.include_usage), as in OpenAI's API.
     namespace.enable_force_include_usage = False
+    if settings.chat_template is not None:
+        from lnarize_serve.chat_templates import chat_template_path
+
+        # As `vllm serve --chat-template PATH`: vLLM's serving classes load the file.
+        namespace.chat_template = str(chat_template_path(settings.chat_template))
     if settings.thinking_default is not None:
         # Defaults under a request's own chat_template_kwargs (vLLM merges them).
         namespace.default_chat_template_kwargs = {"enable_thinking": settings.thinking_default}
@@ -82,7 +87,12 @@ async def install_openai_serving(
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
     from lnarize_serve.request_checks import CheckedServing
+    from lnarize_serve.request_defaults import thinking_budget_problem
+    from lnarize_serve.settings import ConfigError
 
+    problem = thinking_budget_problem(settings, engine.vllm_config.reasoning_config)
+    if problem:
+        raise ConfigError(problem)
     namespace = frontend_args(settings, engine_args)
     supported_tasks = await engine.get_supported_tasks()
     await init_app_state(engine, state, namespace, supported_tasks)
@@ -90,4 +100,4 @@ async def install_openai_serving(
     for name in ("openai_serving_chat", "openai_serving_completion"):
         handler = getattr(state, name, None)
         if handler is not None:
-            setattr(state, name, CheckedServing(handler, settings.max_n))
+            setattr(state, name, CheckedServing(handler, settings.max_n, settings.thinking_token_budget))

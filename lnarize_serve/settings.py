@@ -220,6 +220,19 @@ class Settings(BaseSettings):
         description="Server-wide default of the chat template's enable_thinking (a request's "
         "chat_template_kwargs win); unset: the template's own default.",
     )
+    thinking_token_budget: int | None = Field(
+        None,
+        ge=0,
+        le=1_048_576,
+        description="Server-wide default of vLLM's thinking_token_budget: most reasoning tokens before the "
+        "reasoning parser's end marker is forced (a request's own value wins, -1 there = unlimited); needs "
+        "LNARIZE_REASONING_PARSER; unset: no cap.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for /v1/chat/completions: a shipped name (qwen3-fixed, for the qwen3_xml tool "
+        "parsers) or the path of a Jinja file; unset: the model's own.",
+    )
     # Names of the settings given explicitly (env or flag, not the preset or a
     # default): only those may contradict the checkpoint or a hardware preset.
     _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
@@ -249,6 +262,20 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return _none_if_blank(value)
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _blank_template_is_none(cls, value: Any) -> Any:
+        return _none_if_blank(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        from lnarize_serve.chat_templates import chat_template_path
+
+        if value is not None:
+            chat_template_path(value)
+        return value
 
     @field_validator("cache_dir", mode="before")
     @classmethod
@@ -291,7 +318,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown dtype {value!r}; allowed: {', '.join(allowed)}")
         return value
 
-    @field_validator("thinking_default", mode="before")
+    @field_validator("thinking_default", "thinking_token_budget", mode="before")
     @classmethod
     def _blank_bool_is_none(cls, value: Any) -> Any:
         return _none_if_blank(value)
@@ -332,6 +359,12 @@ class Settings(BaseSettings):
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError(
                 "LNARIZE_ENABLE_AUTO_TOOL_CHOICE=true needs LNARIZE_TOOL_CALL_PARSER; set a parser or disable auto tool choice"
+            )
+        if self.thinking_token_budget is not None and self.reasoning_parser is None:
+            # vLLM counts reasoning tokens between the parser's think markers.
+            raise ValueError(
+                f"LNARIZE_THINKING_TOKEN_BUDGET={self.thinking_token_budget} needs LNARIZE_REASONING_PARSER "
+                "(vLLM counts reasoning between its think markers); set a reasoning parser or unset the budget"
             )
         return self
 

@@ -76,6 +76,10 @@ PRESET_ARGS = {
     ("vlm-bf16-mtp", "none"): {},
 }
 LAUNCH_KEYS = {"compilation_config", "kernel_config", "attention_backend", "max_num_batched_tokens"}
+# (family, preset) -> (sampling defaults, thinking default) the pair supplies; others: none.
+# The Cascade NVFP4-MTP card on GB10: never greedy (temperature 0 loops), thinking off.
+CARD_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1}
+REQUEST_DEFAULTS = {("text-nvfp4-mtp", "gb10"): (CARD_SAMPLING, False)}
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +102,10 @@ def test_engine_arguments_for_each_family_on_each_gpu_preset(family, preset):
     assert values["gpu_memory_utilization"] == (0.7 if preset == "gb10" else 0.85)
     assert values["mamba_cache_mode"] == "align"
     assert {k: v for k, v in values.items() if k in LAUNCH_KEYS} == PRESET_ARGS[(family, preset)]
+    sampling, thinking = REQUEST_DEFAULTS.get((family, preset), ({}, None))
+    assert launch.settings.sampling_defaults == sampling
+    assert values.get("override_generation_config") == (sampling or None)
+    assert launch.settings.thinking_default is thinking
     # Every combination is accepted by vLLM's own argument class.
     AsyncEngineArgs(**values)
     # Each choice says why.
@@ -198,3 +206,56 @@ def test_config_reads_a_cached_checkpoint_and_names_its_family(tmp_path, monkeyp
     assert "family: vlm-int4-mtp" in out
     assert "LNARIZE_SPECULATIVE_TOKENS=1: int4 AutoRound card" in out
     assert '"quantization": null' in out
+
+
+def _cascade_on_gb10(monkeypatch, tmp_path):
+    """LNARIZE_MODEL: a local text NVFP4-MTP checkpoint folder; the GB10 preset forced."""
+    config, hf_quant = family_configs.FAMILIES["text-nvfp4-mtp"]
+    folder = tmp_path / "cascade"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "hf_quant_config.json").write_text(json.dumps(hf_quant))
+    monkeypatch.setenv("LNARIZE_MODEL", str(folder))
+    monkeypatch.setenv("LNARIZE_GPU_PROFILE", "gb10")
+    monkeypatch.setattr("lnarize_serve.gpu.probe_gpu", lambda: None)
+
+
+def test_explicit_sampling_and_thinking_defaults_win_over_the_card(monkeypatch):
+    monkeypatch.setenv("LNARIZE_SAMPLING_DEFAULTS", '{"temperature": 0.2}')
+    monkeypatch.setenv("LNARIZE_THINKING_DEFAULT", "true")
+    config, hf_quant = family_configs.FAMILIES["text-nvfp4-mtp"]
+    launch = plan_launch(load_settings(), detect_checkpoint(config, hf_quant), GPUS["gb10"])
+    assert engine_arg_values(launch.settings, None, launch)["override_generation_config"] == {"temperature": 0.2}
+    assert launch.settings.thinking_default is True
+    # An explicit empty object keeps the checkpoint's generation_config.json.
+    monkeypatch.setenv("LNARIZE_SAMPLING_DEFAULTS", "")
+    launch = plan_launch(load_settings(), detect_checkpoint(config, hf_quant), GPUS["gb10"])
+    assert "override_generation_config" not in engine_arg_values(launch.settings, None, launch)
+
+
+def test_the_served_frontend_gets_the_cards_thinking_default(monkeypatch, tmp_path):
+    # The runtime installs vLLM's serving classes with the launch's settings,
+    # not the ones read from the environment.
+    from lnarize_serve.engine import prepare_launch
+    from lnarize_serve.serving import frontend_args
+
+    _cascade_on_gb10(monkeypatch, tmp_path)
+    settings, engine_args = prepare_launch(load_settings())
+    assert engine_args.override_generation_config == CARD_SAMPLING
+    assert frontend_args(settings, engine_args).default_chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_config_shows_the_request_defaults_and_where_they_came_from(monkeypatch, tmp_path, capsys):
+    from lnarize_serve import cli
+
+    _cascade_on_gb10(monkeypatch, tmp_path)
+    assert cli.main(["config", "--json"]) == 0
+    defaults = json.loads(capsys.readouterr().out)["request_defaults"]
+    assert defaults["sampling"]["value"] == CARD_SAMPLING
+    assert "Cascade NVFP4-MTP GB10 card" in defaults["sampling"]["from"]
+    assert defaults["enable_thinking"]["value"] is False
+    assert "Cascade NVFP4-MTP GB10 card" in defaults["enable_thinking"]["from"]
+    monkeypatch.setenv("LNARIZE_THINKING_DEFAULT", "true")
+    assert cli.main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "enable_thinking: true (from LNARIZE_THINKING_DEFAULT)" in out
