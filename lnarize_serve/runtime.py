@@ -99,10 +99,10 @@ class ServerRuntime:
             await install_openai_serving(app.state, self.engine, served_settings, engine_args)
             self._enter(
                 Phase.WARMING,
-                f"running a {warmup_max_tokens(self.settings.speculative_tokens)}-token warm-up "
+                f"running a {warmup_max_tokens(served_settings.speculative_tokens)}-token warm-up "
                 "generation (prefill, decode and MTP verify steps)",
             )
-            warmup_seconds = await self._warm_up()
+            warmup_seconds = await self._warm_up(served_settings)
             self.metrics.warmup_seconds.set(warmup_seconds)
             if self.lifecycle.phase is Phase.WARMING:
                 self._enter(Phase.READY, f"engine {handle.load_seconds:.1f} s, warm-up {warmup_seconds:.2f} s")
@@ -123,9 +123,10 @@ class ServerRuntime:
         finally:
             self.engine_build_in_progress = False
 
-    async def _warm_up(self) -> float:
+    async def _warm_up(self, served_settings: Settings) -> float:
+        # The adapted settings: a preset may lower the MTP depth the warm-up must cover.
         started = time.monotonic()
-        params = warmup_sampling_params(self.settings)
+        params = warmup_sampling_params(served_settings)
         produced = 0
         async for output in self.engine.generate("Hello", params, request_id=f"lnarize-warmup-{uuid.uuid4().hex}"):
             produced = len(output.outputs[0].token_ids)
