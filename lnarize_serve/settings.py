@@ -258,14 +258,12 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown profile {value!r}; allowed: {', '.join(PROFILE_NAMES)}")
         return value
 
-    @field_validator("revision", "served_model_name", "reasoning_parser", "tool_call_parser", "api_key", mode="before")
+    @field_validator(
+        "revision", "served_model_name", "reasoning_parser", "tool_call_parser", "api_key", "chat_template", "cache_dir",
+        mode="before",
+    )
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
-        return _none_if_blank(value)
-
-    @field_validator("chat_template", mode="before")
-    @classmethod
-    def _blank_template_is_none(cls, value: Any) -> Any:
         return _none_if_blank(value)
 
     @field_validator("chat_template")
@@ -276,11 +274,6 @@ class Settings(BaseSettings):
         if value is not None:
             chat_template_path(value)
         return value
-
-    @field_validator("cache_dir", mode="before")
-    @classmethod
-    def _blank_path_is_none(cls, value: Any) -> Any:
-        return _none_if_blank(value)
 
     @field_validator("quantization")
     @classmethod
