@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lnarize_serve.kvtc.serving.runtime_config import (
-                                                       CALIBRATION_VAR,
-                                                       ENABLE_VAR,
-                                                       SINK_VAR,
-                                                       WINDOW_VAR,
-                                                       KVTCRuntimeConfig,
-                                                       )
+    CALIBRATION_VAR,
+    ENABLE_VAR,
+    SINK_VAR,
+    WINDOW_VAR,
+    KVTCRuntimeConfig,
+)
 
 
 @dataclass

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lnarize_serve.kvtc.format.calibration import (
-                                                   Calibration,
-                                                   CalibrationError,
-                                                   CalibrationSummary,
-                                                   ModelGeometry,
-                                                   read_metadata,
-                                                   validate_against_model,
-                                                   )
+    Calibration,
+    CalibrationError,
+    CalibrationSummary,
+    ModelGeometry,
+    read_metadata,
+    validate_against_model,
+)
 from lnarize_serve.kvtc.serving.runtime_config import KVTCRuntimeConfig
 
 if TYPE_CHECKING:

@@ -47,28 +47,28 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from lnarize_serve.kvtc.format.calibration import Calibration, CalibrationError
 from lnarize_serve.kvtc.format.codec import LayerCodec
 from lnarize_serve.kvtc.serving.kvtc_ops import (
-                                                 DECODE_MAX_QUERY,
-                                                 ExactTokens,
-                                                 KVTCOps,
-                                                 kvtc_attention,
-                                                 kvtc_write,
-                                                 ops_for_device,
-                                                 real_request_count,
-                                                 )
+    DECODE_MAX_QUERY,
+    ExactTokens,
+    KVTCOps,
+    kvtc_attention,
+    kvtc_write,
+    ops_for_device,
+    real_request_count,
+)
 from lnarize_serve.kvtc.serving.model_codecs import layer_index_for, load_serving_calibration
 from lnarize_serve.kvtc.serving.runtime_config import (
-                                                       KVTCConfigError,
-                                                       KVTCRuntimeConfig,
-                                                       runtime_config_from_environ,
-                                                       )
+    KVTCConfigError,
+    KVTCRuntimeConfig,
+    runtime_config_from_environ,
+)
 from lnarize_serve.kvtc.serving.sink import SinkConstants
 from lnarize_serve.kvtc.serving.window import (
-                                               LayerWindow,
-                                               WindowPool,
-                                               WindowStep,
-                                               pool_entries,
-                                               pool_window,
-                                               )
+    LayerWindow,
+    WindowPool,
+    WindowStep,
+    pool_entries,
+    pool_window,
+)
 
 
 logger = init_logger(__name__)

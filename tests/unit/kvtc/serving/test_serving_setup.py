@@ -5,11 +5,11 @@ import pytest
 from lnarize_serve.kvtc.format.calibration import Calibration, RotaryInfo
 from lnarize_serve.kvtc.format.fit import random_layer_codec
 from lnarize_serve.kvtc.serving.serving_setup import (
-                                                      KVTCSetupError,
-                                                      prepare_calibration_file,
-                                                      resolve_calibration_source,
-                                                      resolve_sink_tokens,
-                                                      )
+    KVTCSetupError,
+    prepare_calibration_file,
+    resolve_calibration_source,
+    resolve_sink_tokens,
+)
 
 SMALL_CONFIG = {
     "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,

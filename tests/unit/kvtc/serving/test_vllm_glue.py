@@ -9,18 +9,18 @@ from lnarize_serve.kvtc.format.codec import encode_kv
 from lnarize_serve.kvtc.format.fit import random_layer_codec, sample_from_statistics
 from lnarize_serve.kvtc.format.attention import decoded_sequences, dense_attention
 from lnarize_serve.kvtc.serving.kvtc_ops import (
-                                                 ExactTokens,
-                                                 TorchReferenceOps,
-                                                 kvtc_attention,
-                                                 kvtc_write,
-                                                 real_request_count,
-                                                 )
+    ExactTokens,
+    TorchReferenceOps,
+    kvtc_attention,
+    kvtc_write,
+    real_request_count,
+)
 from lnarize_serve.kvtc.serving.model_codecs import layer_index_for
 from lnarize_serve.kvtc.serving.runtime_config import (
-                                                       KVTCConfigError,
-                                                       KVTCRuntimeConfig,
-                                                       runtime_config_from_environ,
-                                                       )
+    KVTCConfigError,
+    KVTCRuntimeConfig,
+    runtime_config_from_environ,
+)
 from lnarize_serve.kvtc.serving.sink import SinkConstants, sink_flags, snap_to_sink
 from lnarize_serve.kvtc.serving.window import LayerWindow, WindowPool, pool_entries, pool_window
 
