@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lnarize_serve.kvtc.format.calibration import Calibration, ModelGeometry, RotaryInfo
+from lnarize_serve.hf_config import AttentionGeometry
+from lnarize_serve.kvtc.format.calibration import Calibration, RotaryInfo
 from lnarize_serve.kvtc.format.codec import KindCodec, LayerCodec
 from lnarize_serve.kvtc_tools.collect import LayerMoments, PositionSpread, collect_statistics
 from lnarize_serve.kvtc_tools.corpus import token_sequences
@@ -96,7 +97,7 @@ def measure_layer(stats: LayerMoments, value_metric: torch.Tensor | None,
 class Measurements:
     """Budget-free result of collection + measurement, for one model."""
 
-    geometry: ModelGeometry
+    geometry: AttentionGeometry
     tables: dict[int, dict[str, list[HeadTables]]]  # layer -> kind -> per head
     source: dict[str, Any]
     sink_keys: dict[int, torch.Tensor]
@@ -106,7 +107,7 @@ class Measurements:
 
 def measure_model(model: Any, tokenizer: Any, options: FitOptions,
                   sequences: list[list[int]] | None = None) -> Measurements:
-    geometry = ModelGeometry.from_config(model.config)
+    geometry = AttentionGeometry.from_config(model.config)
     if sequences is None:
         sequences = list(token_sequences(tokenizer, "calibration", options.sequence_length,
                                          options.num_sequences))

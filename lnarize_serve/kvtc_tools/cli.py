@@ -176,14 +176,15 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from lnarize_serve.kvtc.format.calibration import CalibrationError, ModelGeometry
+    from lnarize_serve.hf_config import AttentionGeometry
+    from lnarize_serve.kvtc.format.calibration import CalibrationError
     from lnarize_serve.kvtc.format.shipped import convert_shipped, load_shipped
 
     config_path = Path(args.model_config)
     if config_path.is_dir():
         config_path = config_path / "config.json"
     try:
-        geometry = ModelGeometry.from_config(json.loads(config_path.read_text()))
+        geometry = AttentionGeometry.from_config(json.loads(config_path.read_text()))
         shipped = load_shipped(args.shipped)
         calibration = convert_shipped(shipped, geometry, args.model_id or config_path.parent.name,
                                       args.key_bits, args.value_bits, args.positions)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lnarize_serve.hf_config import AttentionGeometry
 from lnarize_serve.kvtc.format.codec import KINDS, LAYOUT_VERSION, KindCodec, LayerCodec
 
 FORMAT_NAME = "lnarize-kvtc"
@@ -226,46 +227,10 @@ def load_calibration(path: str | Path, device: str | torch.device = "cpu") -> Ca
                        sink_values, meta.get("sink_token_id"))
 
 
-# -- model geometry ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What a calibration must agree with, read from a HF config."""
-
-    num_layers: int
-    full_attention_layers: tuple[int, ...]
-    num_kv_heads: int
-    num_q_heads: int
-    head_dim: int
-    rotary_dim: int
-    rope_theta: float
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelGeometry":
-        """From a transformers config object or a config.json dict (text_config
-        of multimodal configs is used when present)."""
-        cfg = config if isinstance(config, dict) else config.to_dict()
-        cfg = cfg.get("text_config") or cfg
-        num_layers = cfg["num_hidden_layers"]
-        num_q_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_q_heads
-        layer_types = cfg.get("layer_types")
-        if layer_types:
-            full = tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
-        elif cfg.get("full_attention_interval"):
-            step = cfg["full_attention_interval"]
-            full = tuple(i for i in range(num_layers) if (i + 1) % step == 0)
-        else:
-            full = tuple(range(num_layers))
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        factor = cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
-        return cls(num_layers, full, cfg.get("num_key_value_heads", num_q_heads), num_q_heads,
-                   head_dim, int(head_dim * factor), float(theta))
-
+# -- the model a calibration is for ----------------------------------------
 
 def validate_against_model(calibration: Calibration | CalibrationSummary,
-                           geometry: ModelGeometry) -> None:
+                           geometry: AttentionGeometry) -> None:
     """Raise CalibrationError naming the first mismatch with the model."""
     problems = []
     if calibration.head_dim != geometry.head_dim:

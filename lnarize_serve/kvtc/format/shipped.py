@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from lnarize_serve.kvtc.format.calibration import Calibration, CalibrationError, ModelGeometry, RotaryInfo
+from lnarize_serve.hf_config import AttentionGeometry
+from lnarize_serve.kvtc.format.calibration import Calibration, CalibrationError, RotaryInfo
 from lnarize_serve.kvtc.format.codec import LayerCodec
 from lnarize_serve.kvtc.format.fit import HeadStatistics, kind_codec, pca_from_covariance
 
@@ -188,7 +189,7 @@ def neox_rotation_average(mean: torch.Tensor, second_moment: torch.Tensor, rope_
     return mean_post.float(), cov_post.float()
 
 
-def convert_shipped(shipped: ShippedCalibration, geometry: ModelGeometry, model_id: str,
+def convert_shipped(shipped: ShippedCalibration, geometry: AttentionGeometry, model_id: str,
                     key_bits_per_dim: float | None = None, value_bits_per_dim: float | None = None,
                     positions: int = 4096) -> Calibration:
     """Shipped file -> our format.
@@ -259,7 +260,7 @@ def describe_shipped(shipped: ShippedCalibration) -> dict[str, Any]:
             "bit_budgets": {k: sorted(v) for k, v in budgets.items()}}
 
 
-def convert_shipped_file(path: str | Path, geometry: ModelGeometry, model_id: str,
+def convert_shipped_file(path: str | Path, geometry: AttentionGeometry, model_id: str,
                          out: str | Path) -> Path:
     """Convert a shipped file to our format at ``out`` (written atomically)."""
     calibration = convert_shipped(load_shipped(path), geometry, model_id)

@@ -22,11 +22,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lnarize_serve.hf_config import AttentionGeometry
 from lnarize_serve.kvtc.format.calibration import (
     Calibration,
     CalibrationError,
     CalibrationSummary,
-    ModelGeometry,
     read_metadata,
     validate_against_model,
 )
@@ -142,7 +142,7 @@ def prepare_calibration_file(
 ) -> Path:
     """Our format, validated against the model (from its metadata); shipped
     files are converted once, in a helper process."""
-    geometry = ModelGeometry.from_config(model_config)
+    geometry = AttentionGeometry.from_config(model_config)
     prepared = path
     if not _is_our_format(path):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -155,7 +155,7 @@ def prepare_calibration_file(
     return prepared
 
 
-def _convert_in_helper_process(path: Path, geometry: ModelGeometry, model_id: str,
+def _convert_in_helper_process(path: Path, geometry: AttentionGeometry, model_id: str,
                                out: Path) -> None:
     """The conversion is torch compute: a spawned process runs it, so this
     process stays free of torch thread pools (see the module docstring)."""

@@ -14,8 +14,8 @@ from lnarize_serve.kvtc.format.attention import attention_on_slots, decoded_sequ
 from lnarize_serve.kvtc.format.codec import encode_kv
 from lnarize_serve.kvtc_tools.baselines import int_per_token_head_method, kvtc_method
 from lnarize_serve.kvtc_tools.calibrate import FitOptions, fit_calibration, load_model
-from lnarize_serve.kvtc.format.calibration import (CalibrationError, ModelGeometry, load_calibration,
-                                                   validate_against_model)
+from lnarize_serve.hf_config import AttentionGeometry
+from lnarize_serve.kvtc.format.calibration import CalibrationError, load_calibration, validate_against_model
 from lnarize_serve.kvtc_tools.collect import KVCollector
 from lnarize_serve.kvtc_tools.corpus import token_sequences
 from lnarize_serve.kvtc_tools.evaluate import ExactTokens, evaluate_methods
@@ -49,7 +49,7 @@ def calibration_file(model_and_tokenizer, tmp_path_factory):
 def test_file_round_trip_and_validation(model_and_tokenizer, calibration_file):
     model, tokenizer = model_and_tokenizer
     calibration = load_calibration(calibration_file)
-    geometry = ModelGeometry.from_config(model.config)
+    geometry = AttentionGeometry.from_config(model.config)
     validate_against_model(calibration, geometry)
     assert calibration.layer_indices == list(range(30))
     assert (calibration.key_bytes, calibration.value_bytes, calibration.slot_bytes) == (16, 32, 48)
@@ -63,8 +63,8 @@ def test_file_round_trip_and_validation(model_and_tokenizer, calibration_file):
     real = _real_layer_inputs(model, tokenizer, 7)
     torch.testing.assert_close(calibration.sink_keys[7], real["k"][0].float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(calibration.sink_values[7], real["v"][0].float(), rtol=1e-4, atol=1e-4)
-    wrong = ModelGeometry(geometry.num_layers, geometry.full_attention_layers, 4,
-                          geometry.num_q_heads, geometry.head_dim, 64, 1e4)
+    wrong = AttentionGeometry(geometry.num_layers, geometry.full_attention_layers, 4,
+                              geometry.num_q_heads, geometry.head_dim, 64, 1e4)
     with pytest.raises(CalibrationError, match="KV heads"):
         validate_against_model(calibration, wrong)
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lnarize_serve.kvtc.format.fit import random_layer_codec
-from lnarize_serve.kvtc.format.calibration import (Calibration, CalibrationError, ModelGeometry, RotaryInfo,
-                                                   load_calibration, read_metadata, validate_against_model)
+from lnarize_serve.hf_config import AttentionGeometry
+from lnarize_serve.kvtc.format.calibration import (Calibration, CalibrationError, RotaryInfo, load_calibration,
+                                                   read_metadata, validate_against_model)
 from lnarize_serve.kvtc.format.shipped import (convert_shipped, describe_shipped, load_shipped,
                                                neox_rotation_average)
 
@@ -79,7 +80,7 @@ def write_shipped(path, module_name="kvtc.common", seed=0):
 
 def geometry(num_layers=2 * LAYERS):
     # a hybrid-like model: full attention at every second layer
-    return ModelGeometry.from_config({
+    return AttentionGeometry.from_config({
         "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": KV_HEADS,
         "head_dim": HEAD_DIM, "hidden_size": 64, "rope_theta": 1e7,
         "partial_rotary_factor": 0.25,
@@ -170,11 +171,11 @@ def test_convert_save_load_validate(tmp_path):
                 assert torch.equal(getattr(a, name), getattr(b, name))
     validate_against_model(loaded, geometry())
     with pytest.raises(CalibrationError, match="layer map mismatch"):
-        validate_against_model(loaded, ModelGeometry(6, (0, 2, 4), KV_HEADS, 4, HEAD_DIM, 4, 1e7))
+        validate_against_model(loaded, AttentionGeometry(6, (0, 2, 4), KV_HEADS, 4, HEAD_DIM, 4, 1e7))
     with pytest.raises(CalibrationError, match="KV heads"):
-        validate_against_model(loaded, ModelGeometry(6, (1, 3, 5), 4, 4, HEAD_DIM, 4, 1e7))
+        validate_against_model(loaded, AttentionGeometry(6, (1, 3, 5), 4, 4, HEAD_DIM, 4, 1e7))
     with pytest.raises(CalibrationError, match="head_dim"):
-        validate_against_model(loaded, ModelGeometry(6, (1, 3, 5), KV_HEADS, 4, 32, 4, 1e7))
+        validate_against_model(loaded, AttentionGeometry(6, (1, 3, 5), KV_HEADS, 4, 32, 4, 1e7))
     with pytest.raises(CalibrationError, match="3 layers"):
         convert_shipped(load_shipped(path), geometry(4), "m")
 
