@@ -49,7 +49,7 @@ import httpx
 from lnarize_serve.bench.client import ChatEndpoint, RequestResult, make_http_client, stream_chat
 from lnarize_serve.bench.servers import ServerProcess, free_port, plan_pair
 from lnarize_serve.bench.workload import TokenizerPrompts, load_tokenizer
-from lnarize_serve.kvtc.runtime_config import kvtc_enabled
+from lnarize_serve.kvtc.serving.runtime_config import kvtc_enabled
 
 PLAIN_VLLM_ARM = "vllm"
 MTP_COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",

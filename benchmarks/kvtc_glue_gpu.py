@@ -21,16 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lnarize_serve.kvtc.fit import random_layer_codec, sample_from_statistics  # noqa: E402
-from lnarize_serve.kvtc.kvtc_ops import (  # noqa: E402
+from lnarize_serve.kvtc.format.fit import random_layer_codec, sample_from_statistics  # noqa: E402
+from lnarize_serve.kvtc.serving.kvtc_ops import (  # noqa: E402
     ExactTokens,
     TorchReferenceOps,
     TritonOps,
     kvtc_attention,
     kvtc_write,
 )
-from lnarize_serve.kvtc.sink import SinkConstants, sink_flags  # noqa: E402
-from lnarize_serve.kvtc.window import (  # noqa: E402
+from lnarize_serve.kvtc.serving.sink import SinkConstants, sink_flags  # noqa: E402
+from lnarize_serve.kvtc.serving.window import (  # noqa: E402
     LayerWindow,
     WindowPool,
     pool_entries,

@@ -20,7 +20,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lnarize_serve.kvtc.fit import random_layer_codec  # noqa: E402
+from lnarize_serve.kvtc.format.fit import random_layer_codec  # noqa: E402
 from lnarize_serve.kvtc.kernels import decode_attention, prepare_layer_tables  # noqa: E402
 
 

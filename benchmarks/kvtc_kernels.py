@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paged_dense_decode import dense_paged_decode  # noqa: E402
 
-from lnarize_serve.kvtc.attention import attention_on_slots, dense_attention  # noqa: E402
-from lnarize_serve.kvtc.bitpack import bit_offsets  # noqa: E402
-from lnarize_serve.kvtc.codec import KindCodec, LayerCodec, encode_kv  # noqa: E402
-from lnarize_serve.kvtc.fit import random_layer_codec, sample_from_statistics  # noqa: E402
+from lnarize_serve.kvtc.format.attention import attention_on_slots, dense_attention  # noqa: E402
+from lnarize_serve.kvtc.format.bitpack import bit_offsets  # noqa: E402
+from lnarize_serve.kvtc.format.codec import KindCodec, LayerCodec, encode_kv  # noqa: E402
+from lnarize_serve.kvtc.format.fit import random_layer_codec, sample_from_statistics  # noqa: E402
 from lnarize_serve.kvtc.kernels import (decode_attention, default_num_splits,  # noqa: E402
                                         prepare_layer_tables, write_slots)
 

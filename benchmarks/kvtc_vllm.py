@@ -25,7 +25,7 @@ def measure(model: str, calibration: str, variants: list[tuple[int, int]],
             prompts: list[list[int]], max_tokens: int, engine_kwargs: dict) -> dict:
     """bf16 first (it also scores the others teacher-forced), then KVTC once
     per (sink tokens, window tokens) variant, each against bf16."""
-    from lnarize_serve.kvtc import engine_compare as ec
+    from lnarize_serve.kvtc_tools import engine_compare as ec
 
     report: dict = {"model": model, "prompts": len(prompts),
                     "prompt_tokens": [len(p) for p in prompts], "max_tokens": max_tokens}
@@ -81,7 +81,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from lnarize_serve.demo_model import ensure_demo_model
-    from lnarize_serve.kvtc.engine_compare import eval_prompts
+    from lnarize_serve.kvtc_tools.engine_compare import eval_prompts
 
     model = args.model or str(ensure_demo_model())
     tokenizer = AutoTokenizer.from_pretrained(model)

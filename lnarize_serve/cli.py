@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("lnarize_serve.cli_commands:configure_config", "Print the effective settings and vLLM engine arguments, then exit."),
     "version": ("lnarize_serve.cli_commands:configure_version", "Print lnarize-serve, vLLM, torch and Python versions."),
     "bench": ("lnarize_serve.bench.cli:configure", "Load-test an OpenAI-compatible server; `bench compare`: vs plain vLLM."),
-    "kvtc": ("lnarize_serve.kvtc.cli:configure", "KVTC calibration files: calibrate, inspect, convert, eval."),
+    "kvtc": ("lnarize_serve.kvtc_tools.cli:configure", "KVTC calibration files: calibrate, inspect, convert, eval."),
     "plan": ("lnarize_serve.plan:configure", "KV cache capacity per cache mode (bf16, fp8, 4-bit, KVTC) and whether a config fits."),
 }
 DEFAULT_SUBCOMMAND = "serve"

@@ -166,7 +166,7 @@ def ensure_demo_kvtc_calibration(cache_dir: Path | None = None) -> Path:
             return target
         import torch
 
-        from lnarize_serve.kvtc.calibrate import FitOptions, fit_calibration, load_model
+        from lnarize_serve.kvtc_tools.calibrate import FitOptions, fit_calibration, load_model
 
         started = time.monotonic()
         options = FitOptions(**DEMO_KVTC_FIT)

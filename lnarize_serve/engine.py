@@ -26,7 +26,7 @@ def check_kvtc_supported(settings: Settings) -> None:
     """Refuse KVTC settings this build cannot honour, with one line per setting."""
     if not settings.kvtc_enable:
         return
-    from lnarize_serve.kvtc.serving_setup import unsupported_settings
+    from lnarize_serve.kvtc.serving.serving_setup import unsupported_settings
 
     problems = unsupported_settings(settings)
     if problems:
@@ -115,7 +115,7 @@ def prepare_launch(settings: Settings) -> tuple[Settings, AsyncEngineArgs]:
     settings = launch.settings
     engine_args = build_engine_args(settings, location, launch)
     if settings.kvtc_enable:
-        from lnarize_serve.kvtc.serving_setup import KVTCSetupError, install_kvtc
+        from lnarize_serve.kvtc.serving.serving_setup import KVTCSetupError, install_kvtc
 
         try:
             install_kvtc(settings, location, engine_args)

@@ -63,7 +63,7 @@ def engine_arg_values(
         values["override_generation_config"] = dict(settings.sampling_defaults)
     if launch is not None:
         values.update(launch.engine_args)
-    from lnarize_serve.kvtc.serving_setup import kvtc_engine_arg_values
+    from lnarize_serve.kvtc.serving.serving_setup import kvtc_engine_arg_values
 
     values.update(kvtc_engine_arg_values(settings))
     values.update(settings.engine_args)

@@ -7,7 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lnarize_serve.kvtc.metrics import KVTCMetrics
+from lnarize_serve.kvtc.serving.metrics import KVTCMetrics
 from lnarize_serve.lifecycle import Phase
 from lnarize_serve.serving import OPENAI_ROUTES
 from lnarize_serve.settings import Settings

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lnarize_serve.hf_config import AttentionGeometry, text_config
+
 # Bytes per element of the dtypes a config names for states and weights.
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
@@ -151,22 +153,9 @@ def geometry_from_hf_config(
     config: dict[str, Any], name: str = "model", source: str = ""
 ) -> ModelGeometry:
     """Read the KV-relevant facts from a HF config.json (text part)."""
-    text = config.get("text_config") or config
-    num_layers = int(text["num_hidden_layers"])
-    num_heads = int(text["num_attention_heads"])
-    num_kv_heads = int(text.get("num_key_value_heads") or num_heads)
-    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // num_heads)
-    layer_types = text.get("layer_types")
-    if layer_types is None and text.get("full_attention_interval"):
-        interval = int(text["full_attention_interval"])
-        layer_types = [
-            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
-            for i in range(num_layers)
-        ]
-    if layer_types is None:
-        layer_types = ["full_attention"] * num_layers
-    num_full = sum(1 for t in layer_types if t == "full_attention")
-    num_linear = sum(1 for t in layer_types if t == "linear_attention")
+    text = text_config(config)
+    attention = AttentionGeometry.from_config(config)
+    num_linear = len(attention.linear_attention_layers)
     linear = None
     if num_linear:
         model_dtype = str(text.get("dtype") or text.get("torch_dtype") or "bfloat16")
@@ -186,10 +175,10 @@ def geometry_from_hf_config(
     num_draft = int(text.get("mtp_num_hidden_layers") or text.get("num_nextn_predict_layers") or 0)
     return ModelGeometry(
         name=name,
-        num_attention_layers=num_full,
+        num_attention_layers=len(attention.full_attention_layers),
         num_draft_attention_layers=num_draft,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
+        num_kv_heads=attention.num_kv_heads,
+        head_dim=attention.head_dim,
         max_position_embeddings=text.get("max_position_embeddings"),
         linear=linear,
         source=source,

@@ -15,8 +15,9 @@ import pytest
 
 _HERE = Path(__file__).parent
 LANES = {
-    "engine": ("integration/vllm_kvtc", "integration/test_model", "integration/kvtc/test_calibration_real_model.py"),
-    "slow": ("integration/kvtc/test_triton_kernels.py",),
+    "engine": ("integration/vllm_kvtc", "integration/test_model",
+               "integration/kvtc_tools/test_calibration_real_model.py"),
+    "slow": ("integration/kvtc/kernels/test_triton_kernels.py",),
 }
 
 

@@ -50,7 +50,7 @@ def test_no_vllm_says_what_to_install(monkeypatch):
 
 
 def test_the_plugin_refuses_another_series_when_kvtc_is_on(monkeypatch):
-    from lnarize_serve.kvtc import plugin
+    from lnarize_serve.kvtc.serving import plugin
 
     monkeypatch.setattr(plugin, "kvtc_enabled", lambda: True)
     fake_installed(monkeypatch, "0.33.0")

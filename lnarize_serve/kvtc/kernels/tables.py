@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lnarize_serve.kvtc.codec import KindCodec, LayerCodec
+from lnarize_serve.kvtc.format.codec import KindCodec, LayerCodec
 
 # tl.dot needs every tile dimension >= 16; grids are padded up to this.
 _MIN_DOT_DIM = 16

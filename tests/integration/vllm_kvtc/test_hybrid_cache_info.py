@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from lnarize_serve.kvtc import engine_compare as ec
+from lnarize_serve.kvtc_tools import engine_compare as ec
 from tests.fixtures.tiny_qwen3_next import build_tiny_qwen3_next
 
 ENGINE = dict(max_model_len=1024, max_num_batched_tokens=128, max_num_seqs=4)

@@ -15,7 +15,7 @@ import dataclasses
 
 import pytest
 
-from lnarize_serve.kvtc import engine_compare as ec
+from lnarize_serve.kvtc_tools import engine_compare as ec
 from tests.fixtures.tiny_qwen3_next import build_tiny_qwen3_next
 
 ENGINE = dict(max_model_len=1024, max_num_batched_tokens=128, enable_prefix_caching=False,
@@ -25,7 +25,7 @@ MTP = {"method": "mtp", "num_speculative_tokens": 3}
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
-    from lnarize_serve.kvtc.calibration import load_calibration
+    from lnarize_serve.kvtc.format.calibration import load_calibration
     from tests.fixtures.kvtc_calibrations import tiny_hybrid_calibration
 
     model_dir = build_tiny_qwen3_next(tmp_path_factory.mktemp("tiny-qwen3-next"))
@@ -87,7 +87,7 @@ def test_plan_counts_the_mtp_draft_layer_the_way_the_engine_allocates(hybrid):
     """vLLM caches the MTP head's attention layer beside the target's; the
     planner's figure for this engine must be the engine's own."""
     from lnarize_serve import plan
-    from lnarize_serve.kvtc.calibration import load_calibration
+    from lnarize_serve.kvtc.format.calibration import load_calibration
 
     model_dir, calibration, _ = hybrid
     spec, _ = ec.build_llm(model_dir, calibration, speculative_config=MTP, **ENGINE)

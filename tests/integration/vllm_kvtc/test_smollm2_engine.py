@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from lnarize_serve import plan
-from lnarize_serve.kvtc import engine_compare as ec
-from lnarize_serve.kvtc.calibration import load_calibration
+from lnarize_serve.kvtc_tools import engine_compare as ec
+from lnarize_serve.kvtc.format.calibration import load_calibration
 
 CHUNK = 256  # max_num_batched_tokens: longer prompts are prefilled in chunks
 ENGINE = dict(max_model_len=1024, max_num_batched_tokens=CHUNK, enable_prefix_caching=True,
