@@ -4,7 +4,8 @@ needs neither a server nor an engine nor a long computation:
 
 - e2e: a real server subprocess on the CPU engine (tests/e2e; marked there);
 - engine: a vLLM engine or a model built and run in the test process;
-- slow: long pure computations (the Triton interpreter, a calibration fit).
+- slow: long pure computations (the Triton interpreter, a calibration fit) and
+  subprocesses that import vLLM (about 10 s each; marked on the test).
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ def test_bad_setting_prints_only_the_error_line():
     ], result.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports vLLM (~10 s)
 def test_setting_outside_vllms_choices_prints_only_the_error_line():
     result = config_in_a_fresh_process(LNARIZE_KV_CACHE_DTYPE="bogus")
     assert result.returncode == 2

@@ -187,6 +187,7 @@ sys.exit(cli.main(["serve"]))
 """
 
 
+@pytest.mark.slow  # a subprocess that imports vLLM (~10 s)
 @pytest.mark.parametrize(
     ("gpu", "profile", "expected"),
     [

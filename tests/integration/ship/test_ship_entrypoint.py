@@ -39,6 +39,7 @@ def write_token(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # a subprocess that imports vLLM (~10 s)
 def test_env_reaches_the_settings_and_the_token_file_is_never_echoed(tmp_path, cache_env) -> None:
     token_file = write_token(tmp_path, TOKEN + "\n")
     env = {

@@ -125,6 +125,7 @@ def _run_setup(model: Path, calibration: Path, cache: Path) -> None:
         done.stdout[-3000:] + done.stderr[-6000:])
 
 
+@pytest.mark.slow  # a subprocess that imports vLLM (~10 s)
 def test_setup_with_a_calibration_in_our_format(tmp_path):
     codecs = {i: random_layer_codec(KV_HEADS, HEAD_DIM, seed=i)[0] for i in (1, 3, 5)}
     path = Calibration("t", HEAD_DIM, KV_HEADS, 2 * LAYERS, codecs,
@@ -132,6 +133,7 @@ def test_setup_with_a_calibration_in_our_format(tmp_path):
     _run_setup(_model_dir(tmp_path), path, tmp_path / "cache")
 
 
+@pytest.mark.slow  # a subprocess that imports vLLM (~10 s)
 def test_setup_converting_a_shipped_calibration(tmp_path):
     """The conversion (torch compute) runs in a spawned helper; its result is
     the cached file a second start uses."""
