@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from lnarize_serve.vllm_compat.engine import VllmConfig
 
 
 def isa_name(*, amx: bool, avx512_bf16: bool, avx512: bool, avx2: bool) -> str:
@@ -39,7 +39,7 @@ def detected_isa() -> str:
 
 def cpu_engine_description(vllm_config: VllmConfig) -> str | None:
     """One start-up log line for a CPU engine; None on any other platform."""
-    from vllm.platforms import current_platform
+    from lnarize_serve.vllm_compat.platform import current_platform
 
     if not current_platform.is_cpu():
         return None

@@ -13,11 +13,10 @@ from lnarize_serve.settings import DEMO_MODEL_ID, ConfigError, Settings
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
     from lnarize_serve.gpu import GpuFacts
     from lnarize_serve.launch import LaunchPlan
+    from lnarize_serve.vllm_compat.async_engine import AsyncLLM
+    from lnarize_serve.vllm_compat.engine import AsyncEngineArgs
 
 logger = logging.getLogger("lnarize_serve.engine")
 
@@ -126,8 +125,8 @@ def prepare_launch(settings: Settings) -> tuple[Settings, AsyncEngineArgs]:
 
 def start_engine(engine_args: AsyncEngineArgs) -> EngineHandle:
     """Build the AsyncLLM (blocking: loads weights, profiles memory, may compile)."""
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from lnarize_serve.vllm_compat.async_engine import AsyncLLM
+    from lnarize_serve.vllm_compat.engine import UsageContext
 
     started = time.monotonic()
     vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)

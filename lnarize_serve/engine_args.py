@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 from lnarize_serve.settings import SPECULATIVE_METHOD, Settings
 
 if TYPE_CHECKING:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
     from lnarize_serve.launch import LaunchPlan
+    from lnarize_serve.vllm_compat.engine import AsyncEngineArgs
 
 
 def speculative_config(settings: Settings) -> dict[str, Any] | None:
@@ -73,6 +72,6 @@ def engine_arg_values(
 def build_engine_args(
     settings: Settings, model_location: str | None = None, launch: LaunchPlan | None = None
 ) -> AsyncEngineArgs:
-    from vllm.engine.arg_utils import AsyncEngineArgs
+    from lnarize_serve.vllm_compat.engine import AsyncEngineArgs
 
     return AsyncEngineArgs(**engine_arg_values(settings, model_location, launch))

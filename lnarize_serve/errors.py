@@ -108,7 +108,7 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
 async def _on_vllm_client_error(request: Request, exc: Exception) -> JSONResponse:
     # vLLM's request-validation errors (VLLMClientError: validation, not found,
     # ...) that escape its serving classes; its mapper picks the 4xx status.
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from lnarize_serve.vllm_compat.openai import create_error_response
 
     info = create_error_response(exc).error
     status = 400 if info.code == 422 else int(info.code)
@@ -162,8 +162,8 @@ def install_error_handlers(app: FastAPI) -> None:
     raised by server code is a bug: generic 500 with an error id (vLLM's serving
     classes turn the ValueErrors of their own input checks into 400 responses
     before they get here)."""
-    from vllm.exceptions import VLLMClientError
-    from vllm.v1.engine.exceptions import EngineDeadError
+    from lnarize_serve.vllm_compat.engine import EngineDeadError
+    from lnarize_serve.vllm_compat.openai import VLLMClientError
 
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(EngineDeadError, _on_engine_dead)

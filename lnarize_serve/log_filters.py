@@ -21,7 +21,7 @@ ENGINE_DEAD_LOGGERS = (
 
 
 def is_engine_dead_error(exc: BaseException | None) -> bool:
-    from vllm.v1.engine.exceptions import EngineDeadError
+    from lnarize_serve.vllm_compat.engine import EngineDeadError
 
     seen = 0
     while exc is not None and seen < 10:

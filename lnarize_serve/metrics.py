@@ -11,6 +11,7 @@ from lnarize_serve.kvtc.serving.metrics import KVTCMetrics
 from lnarize_serve.lifecycle import Phase
 from lnarize_serve.serving import OPENAI_ROUTES
 from lnarize_serve.settings import Settings
+from lnarize_serve.vllm_compat import installed_vllm_version
 
 # Routes get their own label value; anything else is "other" (bounded cardinality).
 KNOWN_ROUTES = (
@@ -68,7 +69,7 @@ class ServerMetrics:
             "lnarize_warmup_seconds", "Seconds the warm-up generation (prefill and a few decode steps) took", registry=self.registry
         )
         self.kvtc = KVTCMetrics(self.registry, settings.kvtc_enable)
-        self.build_info.info({"version": version, "vllm_version": _vllm_version()})
+        self.build_info.info({"version": version, "vllm_version": installed_vllm_version() or "unknown"})
         self.settings_info.info({name: str(getattr(settings, name)) for name in _INFO_SETTINGS})
         self.set_phase(Phase.LOADING)
 
@@ -84,18 +85,9 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         # vLLM registers its vllm:* series in its own (usually the default) registry.
-        from vllm.v1.metrics.prometheus import get_prometheus_registry
+        from lnarize_serve.vllm_compat.engine import get_prometheus_registry
 
         return generate_latest(self.registry) + generate_latest(get_prometheus_registry())
-
-
-def _vllm_version() -> str:
-    try:
-        import vllm
-
-        return str(vllm.__version__)
-    except ImportError:
-        return "unknown"
 
 
 async def metrics_endpoint(request: Request) -> Response:

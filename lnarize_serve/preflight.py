@@ -216,7 +216,7 @@ def gpu_expected(settings: Settings) -> bool:
     """False for the cpu-demo profile and for vLLM's CPU build."""
     if settings.profile == "cpu-demo":
         return False
-    from vllm.platforms import current_platform
+    from lnarize_serve.vllm_compat.platform import current_platform
 
     return not current_platform.is_cpu()
 

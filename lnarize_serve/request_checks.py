@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastapi import Request
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    from lnarize_serve.vllm_compat.openai import ErrorResponse
 
 # Raw exceptions vLLM's own error mapper treats as the client's fault.
 CLIENT_INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError)
@@ -100,8 +101,8 @@ class CheckedServing:
         return await self._refuse(request) or await self._answer(self.inner.create_completion, request, raw_request)
 
     async def _answer(self, serve: Any, request: Any, raw_request: Request | None) -> Any:
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.v1.engine.exceptions import EngineGenerateError
+        from lnarize_serve.vllm_compat.engine import EngineGenerateError
+        from lnarize_serve.vllm_compat.openai import create_error_response
 
         from lnarize_serve.request_defaults import apply_request_defaults
 

@@ -18,7 +18,8 @@ from lnarize_serve.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from lnarize_serve.vllm_compat.engine import AsyncEngineArgs
 
 logger = logging.getLogger("lnarize_serve.runtime")
 
@@ -45,7 +46,7 @@ def warmup_max_tokens(speculative_tokens: int) -> int:
 
 
 def warmup_sampling_params(settings: Settings):
-    from vllm import SamplingParams
+    from lnarize_serve.vllm_compat.engine import SamplingParams
 
     return SamplingParams(max_tokens=warmup_max_tokens(settings.speculative_tokens),
                           temperature=0.0, ignore_eos=True)

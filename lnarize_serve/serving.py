@@ -16,18 +16,17 @@ from lnarize_serve.settings import Settings
 
 if TYPE_CHECKING:
     from starlette.datastructures import State
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from lnarize_serve.vllm_compat.async_engine import AsyncLLM
+    from lnarize_serve.vllm_compat.engine import AsyncEngineArgs
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
 def mount_openai_routes(app: FastAPI) -> None:
-    from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
-    from vllm.entrypoints.openai.completion.api_router import router as completion_router
-    from vllm.entrypoints.openai.models.api_router import router as models_router
+    from lnarize_serve.vllm_compat.openai import openai_routers
 
-    for router in (chat_router, completion_router, models_router):
+    for router in openai_routers():
         for route in router.routes:
             # Only the three public endpoints (vLLM's chat router also carries
             # an experimental batch route).
@@ -43,13 +42,11 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
     """
     import dataclasses
 
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    from lnarize_serve.vllm_choices import register_project_tool_parsers
+    from lnarize_serve.vllm_compat.choices import register_project_tool_parsers
+    from lnarize_serve.vllm_compat.openai import serve_arg_parser, validate_parsed_serve_args
 
     register_project_tool_parsers()
-    namespace = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+    namespace = serve_arg_parser().parse_args([])
     # Folds reasoning_parser into structured_outputs_config, where the serving
     # classes read it (idempotent; vLLM does the same when building the engine).
     engine_args.create_structured_outputs_config()
@@ -84,11 +81,10 @@ def frontend_args(settings: Settings, engine_args: AsyncEngineArgs) -> argparse.
 async def install_openai_serving(
     state: State, engine: AsyncLLM, settings: Settings, engine_args: AsyncEngineArgs
 ) -> None:
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-
     from lnarize_serve.request_checks import CheckedServing
     from lnarize_serve.request_defaults import thinking_budget_problem
     from lnarize_serve.settings import ConfigError
+    from lnarize_serve.vllm_compat.openai import init_app_state
 
     problem = thinking_budget_problem(settings, engine.vllm_config.reasoning_config)
     if problem:

@@ -89,7 +89,7 @@ def _none_if_blank(value: Any) -> Any:
 def _vllm_choice(value: Any, what: str, choices: Callable[[], Iterable[str]], also: tuple[str, ...] = ()) -> Any:
     """``value`` if it is one of vLLM's ``choices`` (or ``also``); None passes.
     Skipped in the first validation pass, which must not import vLLM."""
-    from lnarize_serve.vllm_choices import lookups_enabled
+    from lnarize_serve.vllm_compat.choices import lookups_enabled
 
     if value is None or not lookups_enabled():
         return value
@@ -278,28 +278,28 @@ class Settings(BaseSettings):
     @field_validator("quantization")
     @classmethod
     def _known_quantization(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import quantization_methods
+        from lnarize_serve.vllm_compat.choices import quantization_methods
 
         return _vllm_choice(value, "quantization", quantization_methods, also=("auto",))
 
     @field_validator("kv_cache_dtype")
     @classmethod
     def _known_kv_cache_dtype(cls, value: str) -> str:
-        from lnarize_serve.vllm_choices import kv_cache_dtypes
+        from lnarize_serve.vllm_compat.choices import kv_cache_dtypes
 
         return _vllm_choice(value, "KV cache dtype", kv_cache_dtypes)
 
     @field_validator("tool_call_parser")
     @classmethod
     def _known_tool_call_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import tool_call_parsers
+        from lnarize_serve.vllm_compat.choices import tool_call_parsers
 
         return _vllm_choice(value, "tool-call parser", tool_call_parsers, also=("none",))
 
     @field_validator("reasoning_parser")
     @classmethod
     def _known_reasoning_parser(cls, value: str | None) -> str | None:
-        from lnarize_serve.vllm_choices import reasoning_parsers
+        from lnarize_serve.vllm_compat.choices import reasoning_parsers
 
         return _vllm_choice(value, "reasoning parser", reasoning_parsers, also=("none",))
 
@@ -337,7 +337,7 @@ class Settings(BaseSettings):
     @field_validator("engine_args")
     @classmethod
     def _known_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from lnarize_serve.vllm_choices import engine_arg_names, lookups_enabled
+        from lnarize_serve.vllm_compat.choices import engine_arg_names, lookups_enabled
 
         for key in value:
             if key in MANAGED_ENGINE_ARGS:
@@ -462,7 +462,7 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(
             "\n".join(f"unknown setting {name}: no such LNARIZE_ variable (see `lnarize-serve config --help`)" for name in unknown)
         )
-    from lnarize_serve.vllm_choices import held_back_vllm_logs, without_lookups
+    from lnarize_serve.vllm_compat.choices import held_back_vllm_logs, without_lookups
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:

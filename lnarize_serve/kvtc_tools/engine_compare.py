@@ -79,7 +79,7 @@ def kvtc_environment(calibration_path: str | None, sink_tokens: int | None = Non
 
 def build_llm(model: str, calibration_path: str | None, sink_tokens: int | None = None,
               window_tokens: int | None = None, **engine_kwargs: Any):
-    from vllm import LLM
+    from lnarize_serve.vllm_compat.offline import LLM
 
     # stats on: speculative-decoding counters come from vLLM's stat loggers
     kwargs = dict(enforce_eager=True, max_model_len=2048, max_num_seqs=8, seed=0,
@@ -98,7 +98,7 @@ def capacity_tokens(llm: Any) -> int:
 
 
 def greedy(llm: Any, prompts: list[list[int]], max_tokens: int, **sampling: Any):
-    from vllm import SamplingParams
+    from lnarize_serve.vllm_compat.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **sampling)
     started = time.monotonic()
@@ -109,7 +109,7 @@ def greedy(llm: Any, prompts: list[list[int]], max_tokens: int, **sampling: Any)
 
 def top1_under(llm: Any, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[int]]:
     """The engine's top-1 token at each continuation position (teacher-forced)."""
-    from vllm import SamplingParams
+    from lnarize_serve.vllm_compat.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     full = [{"prompt_token_ids": p + c} for p, c in zip(prompts, continuations)]

@@ -54,7 +54,7 @@ def test_the_parser_fits_a_call_the_grammar_let_whitespace_into(tmp_path):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.tool_parsers import ToolParserManager
 
-    from lnarize_serve.vllm_choices import register_project_tool_parsers, tool_call_parsers
+    from lnarize_serve.vllm_compat.choices import register_project_tool_parsers, tool_call_parsers
     from tests.fixtures.tiny_qwen3_next import write_byte_tokenizer
 
     register_project_tool_parsers()

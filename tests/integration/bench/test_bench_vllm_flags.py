@@ -10,9 +10,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def vllm_parser():
-    from lnarize_serve.bench.servers import _vllm_parser
+    from lnarize_serve.vllm_compat.openai import serve_arg_parser
 
-    return _vllm_parser()
+    return serve_arg_parser()
 
 
 def test_cpu_demo_engine_arguments_reach_plain_vllm_unchanged(vllm_parser, monkeypatch):
@@ -63,7 +63,7 @@ def test_plain_vllm_gets_the_projects_tool_parser_as_a_plugin(vllm_parser):
     from vllm.tool_parsers import ToolParserManager
 
     from lnarize_serve.bench.servers import check_flags, vllm_flags
-    from lnarize_serve.vllm_choices import PROJECT_TOOL_PARSERS
+    from lnarize_serve.vllm_compat.choices import PROJECT_TOOL_PARSERS
 
     module, class_name = PROJECT_TOOL_PARSERS["qwen3_xml_schema"]
     plugin = importlib.util.find_spec(module).origin

@@ -153,7 +153,7 @@ def test_the_servers_default_parsers_accept_the_tokenizer(built):
     out, _ = built
     tokenizer = get_tokenizer(str(out / "nvfp4"))
     ReasoningParserManager.get_reasoning_parser("qwen3")(tokenizer)  # needs <think> and </think>
-    from lnarize_serve.vllm_choices import register_project_tool_parsers
+    from lnarize_serve.vllm_compat.choices import register_project_tool_parsers
 
     register_project_tool_parsers()
     ToolParserManager.get_tool_parser("qwen3_xml_schema")(tokenizer)

@@ -1,12 +1,30 @@
-"""The vLLM release this build is written against, checked before anything
-imports vLLM.
+"""The one boundary between this package and vLLM.
+
+Outside ``lnarize_serve/kvtc/`` (the attention backend, which is vLLM code of
+its own), no module imports vLLM: what it needs comes from a module here, so a
+vLLM upgrade has one place to look at (tests/unit/test_vllm_boundary.py keeps
+it so).
+
+- this module: the vLLM release this build is written against, checked before
+  anything imports vLLM (it reads package metadata only);
+- ``choices``: allowed values vLLM defines, looked up lazily;
+- ``engine``: the engine's arguments, sampling, its errors and stats;
+- ``async_engine``: the engine itself (its import runs torch operators);
+- ``offline``: vLLM's offline engine, for the KVTC tools;
+- ``platform``: which platform vLLM runs on;
+- ``openai``: vLLM's OpenAI API server pieces (routers, argument parser,
+  serving state, error responses);
+- ``parsers``: tool-call parser classes and their registry.
+
+Importing this package costs no vLLM import; ``choices`` imports vLLM only when
+a lookup runs; the other modules import it at once, so callers import them
+where they need them (after settings are loaded, which runs the version check).
 
 The server reaches into vLLM's internals (its OpenAI serving classes, the v1
 attention backend interface, KV-cache specs), which move between minor
 releases; another release fails later with an ImportError traceback or, worse,
 with hooks that are silently never called. So a mismatch stops at once with
-one line. The check reads installed package metadata only: it costs no vLLM
-import.
+one line.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Allowed values that vLLM itself defines, looked up lazily (importing vLLM is slow)."""
+"""Allowed values that vLLM itself defines, looked up lazily (importing vLLM is
+slow): importing this module imports no vLLM, so settings can use it in their
+vLLM-free first pass."""
 
 from __future__ import annotations
 
