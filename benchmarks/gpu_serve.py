@@ -39,7 +39,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ from typing import Any
 import httpx
 
 from lnarize_serve.bench.client import ChatEndpoint, RequestResult, make_http_client, stream_chat
-from lnarize_serve.bench.servers import ServerProcess, free_port, plan_pair
+from lnarize_serve.bench.process import ServerProcess, free_port, without_lnarize_settings
+from lnarize_serve.bench.servers import plan_pair
 from lnarize_serve.bench.workload import TokenizerPrompts, load_tokenizer
 from lnarize_serve.kvtc.serving.runtime_config import kvtc_enabled
 
@@ -233,8 +233,8 @@ async def measure_load(endpoint: ChatEndpoint, prompts: TokenizerPrompts, contex
 
 def start_server(arm: Arm, env: dict[str, str], out: Path) -> ServerProcess:
     if arm.plain_vllm:
-        pair = plan_pair({k: v for k, v in env.items() if not k.startswith("LNARIZE_")},
-                         {k: v for k, v in env.items() if k.startswith("LNARIZE_")}, out / "plain-vllm")
+        lnarize_env = {k: v for k, v in env.items() if k.upper().startswith("LNARIZE_")}
+        pair = plan_pair(without_lnarize_settings(env), lnarize_env, out / "plain-vllm")
         server = pair.vllm
         server.log_path = out / f"{arm.name}.log"
     else:
@@ -247,31 +247,18 @@ def start_server(arm: Arm, env: dict[str, str], out: Path) -> ServerProcess:
 
 
 def wait_ready(server: ServerProcess, result: ArmResult, timeout_s: float) -> None:
-    """Poll readiness, recording each phase the probe reports (lnarize-serve) until 200."""
-    started = time.monotonic()
-    url = f"http://127.0.0.1:{server.port}{server.ready_path}"
-    last = None
-    while time.monotonic() - started < timeout_s:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"exited with {server.process.returncode} before ready:\n{server.log_tail(30)}")
-        try:
-            response = httpx.get(url, timeout=2)
-        except httpx.HTTPError:
-            time.sleep(0.25)
-            continue
+    """Wait for readiness, recording each phase the probe reports (lnarize-serve)."""
+
+    def record_phase(response: httpx.Response, waited: float) -> None:
         phase = "ready" if response.status_code == 200 else "starting"
         try:
             phase = response.json().get("phase", phase)
         except ValueError:
             pass
-        if phase != last:
-            result.phases.append((round(time.monotonic() - started, 1), phase))
-            last = phase
-        if response.status_code == 200:
-            result.ready_s = round(time.monotonic() - started, 1)
-            return
-        time.sleep(0.25)
-    raise RuntimeError(f"not ready after {timeout_s:.0f} s:\n{server.log_tail(30)}")
+        if not result.phases or result.phases[-1][1] != phase:
+            result.phases.append((round(waited, 1), phase))
+
+    result.ready_s = round(server.wait_ready(timeout_s, poll_s=0.25, on_response=record_phase), 1)
 
 
 def run_arm(arm: Arm, base_env: dict[str, str], args: argparse.Namespace, prompts: TokenizerPrompts) -> ArmResult:
@@ -380,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LNARIZE_")}
+    base_env = without_lnarize_settings()
     for key in ("LNARIZE_ENGINE_ARGS", "LNARIZE_CACHE_DIR"):
         if key in os.environ:
             base_env[key] = os.environ[key]

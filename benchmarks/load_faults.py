@@ -27,8 +27,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
+
+from lnarize_serve.bench.process import ServerProcess, ServerStartError, free_port, metric_value, without_lnarize_settings
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -131,20 +134,12 @@ async def client_loop(index: int, url: str, headers: dict[str, str], config: Loa
                 await asyncio.sleep(0.2)
 
 
-def metric(url: str, name: str) -> float | None:
-    total = None
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def wait_idle(url: str, timeout: float = 10.0) -> float | None:
     """vllm:num_requests_running once it is 0, or its last value after ``timeout``."""
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
-        value = metric(url, "vllm:num_requests_running")
+        value = metric_value(httpx.get(f"{url}/metrics", timeout=10).text, "vllm:num_requests_running")
         if value == 0:
             return value
         time.sleep(0.1)
@@ -220,14 +215,9 @@ def main() -> int:
     config = LoadConfig(clients=args.clients, seconds=args.seconds, disconnect_fraction=args.disconnect_fraction)
 
     ensure_demo_model()
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
     drain_timeout = 30.0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LNARIZE_")}
+    env = without_lnarize_settings()
     env.update(
         LNARIZE_PROFILE="cpu-demo",
         LNARIZE_HOST="127.0.0.1",
@@ -237,28 +227,19 @@ def main() -> int:
         LNARIZE_DRAIN_TIMEOUT=str(drain_timeout),
         VLLM_CPU_KVCACHE_SPACE="1",
     )
-    log = tempfile.NamedTemporaryFile(prefix="load-faults-", suffix=".log", delete=False)  # noqa: SIM115
-    process = subprocess.Popen([sys.executable, "-m", "lnarize_serve"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = Path(tempfile.mkdtemp(prefix="load-faults-")) / "server.log"
+    server = ServerProcess("lnarize-serve", [sys.executable, "-m", "lnarize_serve"], env, port, "/health/ready", log)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                print(f"server did not become ready; log: {log.name}")
-                return 1
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        results, exit_code = run_all(url, process, None, config, args.rounds, drain_timeout + 30)
+        server.start().wait_ready(600)
+        results, exit_code = run_all(server.url, server.process, None, config, args.rounds, drain_timeout + 30)
+    except ServerStartError as exc:
+        print(exc)
+        return 1
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        server.stop(grace_s=0)
     print(f"{config.clients} streaming clients, {config.seconds:g} s a round, {config.disconnect_fraction:.0%} hang up after {config.disconnect_after_events} events; max_num_seqs {args.max_num_seqs}")
     print_table(results)
-    print(f"exit code after SIGTERM: {exit_code}; server log: {log.name}")
+    print(f"exit code after SIGTERM: {exit_code}; server log: {log}")
     lost = sum(r.outcomes["lost"] for r in results)
     return 0 if exit_code == 0 and lost == 0 else 1
 

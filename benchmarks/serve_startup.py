@@ -12,55 +12,40 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
+from lnarize_serve.bench.process import ServerProcess, free_port, without_lnarize_settings
 from lnarize_serve.demo_model import ensure_demo_model
 
 MODEL = "smollm2-135m-instruct"
+READY_TIMEOUT_SECONDS = 600
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return float("nan")
+def gauge(server: ServerProcess, name: str) -> float:
+    value = server.metric(name)
+    return float("nan") if value is None else value
 
 
 def measure_once() -> dict[str, float]:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LNARIZE_")}
+    env = without_lnarize_settings()
     env.update(LNARIZE_PROFILE="cpu-demo", LNARIZE_HOST="127.0.0.1", LNARIZE_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
-    log = tempfile.NamedTemporaryFile(prefix="serve-startup-", suffix=".log", delete=False)  # noqa: SIM115
-    started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "lnarize_serve"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    listening = ready = None
+    log = Path(tempfile.mkdtemp(prefix="serve-startup-")) / "server.log"
+    server = ServerProcess("lnarize-serve", [sys.executable, "-m", "lnarize_serve"], env, port, "/health/ready", log)
+    url = server.url
+    answered_after: list[float] = []
+    server.start()
     try:
-        while ready is None:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited early; log: {log.name}")
-            try:
-                code = httpx.get(f"{url}/health/ready", timeout=2).status_code
-                listening = listening or time.monotonic() - started
-                if code == 200:
-                    ready = time.monotonic() - started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        # Seconds since the spawn, polled often: the first answer (any status)
+        # is when it started listening.
+        ready = server.wait_ready(READY_TIMEOUT_SECONDS, poll_s=0.05,
+                                  on_response=lambda _response, waited: answered_after.append(waited))
+        listening = answered_after[0]
         body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 16}
         first_started = time.monotonic()
         response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
@@ -71,19 +56,15 @@ def measure_once() -> dict[str, float]:
         second_request = time.monotonic() - second_started
         return {
             "listening_s": listening,
-            "engine_build_s": metric(url, "lnarize_engine_load_seconds"),
-            "warmup_s": metric(url, "lnarize_warmup_seconds"),
+            "engine_build_s": gauge(server, "lnarize_engine_load_seconds"),
+            "warmup_s": gauge(server, "lnarize_warmup_seconds"),
             "ready_s": ready,
             "first_request_s": first_request,
             "second_request_s": second_request,
             "completion_tokens": response.json()["usage"]["completion_tokens"],
         }
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        server.stop(grace_s=60)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ needs neither a server nor an engine nor a long computation:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for marker, prefixes in LANES.items():
             if relative.startswith(prefixes):
                 item.add_marker(getattr(pytest.mark, marker))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No LNARIZE_* variable of the caller's shell reaches the settings under test."""
+    for key in list(os.environ):
+        if key.upper().startswith("LNARIZE_"):
+            monkeypatch.delenv(key)

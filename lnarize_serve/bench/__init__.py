@@ -7,7 +7,9 @@ Pipeline, one module per concern:
     driver    -> the concurrency x prompt-length grid, warm-up, time bound
     stats     -> per-cell throughput and latency percentiles (numpy)
     report    -> table, JSON;  plot -> PNG (matplotlib)
-    servers   -> start/stop plain vLLM and lnarize-serve for `bench compare`
+    process   -> a server subprocess: start, wait for ready, metrics, stop
+                 (also the benchmarks' and the end-to-end tests' harness)
+    servers   -> plain vLLM and lnarize-serve, planned for `bench compare`
     compare   -> alternating A/B measurements and per-cell ratios
     cli       -> argument parsing for `lnarize-serve bench [compare]`
 """

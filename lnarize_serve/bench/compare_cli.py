@@ -91,7 +91,8 @@ def run_compare(args: argparse.Namespace) -> int:
     except VllmVersionError as exc:
         console.print(f"lnarize-serve bench compare: {exc}")
         return 2
-    from lnarize_serve.bench.servers import ServerStartError, plan_pair
+    from lnarize_serve.bench.process import ServerStartError
+    from lnarize_serve.bench.servers import plan_pair
 
     base_env, lnarize_env = _environments(args)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="lnarize-bench-"))

@@ -1,4 +1,4 @@
-"""Start, probe and stop the two servers `bench compare` measures.
+"""The two servers `bench compare` measures (started and stopped by `process`).
 
 Both get the same engine settings: the lnarize-serve side is configured by
 LNARIZE_* variables; its own `lnarize-serve config --json` (run with exactly
@@ -13,19 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psutil
-
+from lnarize_serve.bench.process import ServerProcess, ServerStartError, free_port
 from lnarize_serve.demo_model import ensure_demo_model
 from lnarize_serve.settings import DEMO_MODEL_ID
 from lnarize_serve.vllm_compat.choices import PROJECT_TOOL_PARSERS
@@ -35,111 +29,6 @@ _SERVING_FLAGS = {
     "LNARIZE_TOOL_CALL_PARSER": "tool_call_parser",
     "LNARIZE_ENABLE_AUTO_TOOL_CHOICE": "enable_auto_tool_choice",
 }
-
-
-class ServerStartError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    """One server subprocess in its own process group (so stop() reaches its engine too)."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    port: int
-    ready_path: str
-    log_path: Path
-    process: subprocess.Popen | None = field(default=None, repr=False)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Poll the readiness path until 200; returns seconds waited."""
-        assert self.process is not None
-        started = time.monotonic()
-        url = f"http://127.0.0.1:{self.port}{self.ready_path}"
-        while time.monotonic() - started < timeout_s:
-            if self.process.poll() is not None:
-                raise ServerStartError(
-                    f"{self.name} exited with code {self.process.returncode} while starting; log {self.log_path}:\n"
-                    + self.log_tail()
-                )
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise ServerStartError(f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n" + self.log_tail())
-
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) of the server and all its children so far."""
-        if self.process is None:
-            return 0.0
-        try:
-            root = psutil.Process(self.process.pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for proc in processes:
-            try:
-                times = proc.cpu_times()
-                total += times.user + times.system
-            except psutil.NoSuchProcess:
-                continue
-        return total
-
-    def frontend_cpu_seconds(self) -> float:
-        """CPU time of the HTTP/API process alone (the engine core runs in child processes).
-
-        This is where a wrapper's cost lands; it moves far less than latency
-        when other jobs share the machine (not zero: compare arms back to back).
-        """
-        if self.process is None:
-            return 0.0
-        try:
-            times = psutil.Process(self.process.pid).cpu_times()
-        except psutil.NoSuchProcess:
-            return 0.0
-        return times.user + times.system
-
-    def stop(self, grace_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
 
 
 @dataclass

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lnarize_serve.bench.process import free_port
+
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_containerStartToken9876543210"
 LISTEN_TIMEOUT_S = 240
 READY_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def dockerfile_healthcheck_command() -> list[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from lnarize_serve.bench.process import without_lnarize_settings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,7 +32,7 @@ def pypi_torchvision(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("command", [["config"], ["serve", "--port", "1"]])
 def test_incompatible_torchvision_stops_with_the_fix_command(pypi_torchvision, command):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LNARIZE_")}
+    env = without_lnarize_settings()
     env["PYTHONPATH"] = os.pathsep.join([str(pypi_torchvision), str(REPO_ROOT)])
     env["LNARIZE_PROFILE"] = "cpu-demo"
     result = subprocess.run(

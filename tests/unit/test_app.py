@@ -6,7 +6,6 @@ app is genuinely in its loading phase, as during a real 30 s load) or raises
 end on the real CPU engine in tests/e2e.
 """
 
-import os
 import threading
 
 import pytest
@@ -19,10 +18,7 @@ from lnarize_serve.settings import load_settings
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+def demo_profile(clean_env, monkeypatch):
     # Demo profile: resolving the model is then local (no hub access).
     monkeypatch.setenv("LNARIZE_PROFILE", "cpu-demo")
 

@@ -1,8 +1,6 @@
 """LNARIZE_CHAT_TEMPLATE and the shipped qwen3-fixed template, rendered the
 way vLLM's HF renderer renders a chat template (transformers' Jinja2 path)."""
 
-import os
-
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -47,11 +45,7 @@ def render(messages, **kwargs) -> str:
     return rendered[0]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_a_tool_call_and_its_response_survive_with_thinking_off():

@@ -1,19 +1,15 @@
 """The lnarize-serve command line: subcommands, generated flags, config output."""
 
 import json
-import os
 
 import pytest
 
 from lnarize_serve import cli
+from lnarize_serve.bench.process import without_lnarize_settings
 from lnarize_serve.settings import Settings
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def run_cli(capsys, *argv):
@@ -102,7 +98,7 @@ def config_in_a_fresh_process(**settings: str):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LNARIZE_")}
+    env = without_lnarize_settings()
     env.update(settings)
     return subprocess.run(
         [sys.executable, "-m", "lnarize_serve", "config"],

@@ -1,7 +1,6 @@
 """Settings -> vLLM AsyncEngineArgs, per profile."""
 
 import dataclasses
-import os
 
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -10,12 +9,7 @@ from lnarize_serve.engine import check_kvtc_supported
 from lnarize_serve.engine_args import build_engine_args
 from lnarize_serve.settings import DEFAULT_MODEL, ConfigError, load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_production_interactive_is_nvfp4_mtp3_cudagraphs():

@@ -1,7 +1,6 @@
 """Family detection from config.json / hf_quant_config.json (real shapes: tests/fixtures/family_configs.py)."""
 
 import json
-import os
 
 import pytest
 
@@ -10,12 +9,7 @@ from lnarize_serve.family import CheckpointError, contradictions, detect_checkpo
 from lnarize_serve.settings import load_settings
 from tests.fixtures import family_configs
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ No GPU on the test machine: GPU facts are given to the pure planner, or to
 """
 
 import json
-import os
 
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -81,12 +80,7 @@ LAUNCH_KEYS = {"compilation_config", "kernel_config", "attention_backend", "max_
 CARD_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1}
 REQUEST_DEFAULTS = {("text-nvfp4-mtp", "gb10"): (CARD_SAMPLING, False)}
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.mark.parametrize(("family", "preset"), sorted(PRESET_ARGS))

@@ -6,7 +6,6 @@ CLI tests), and `gpu_expected` is patched where the CPU build of vLLM would
 otherwise skip the GPU checks.
 """
 
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lnarize_serve import cli
+from lnarize_serve.bench.process import without_lnarize_settings
 from lnarize_serve.engine import resolve_launch
 from lnarize_serve.family import detect_checkpoint
 from lnarize_serve.gpu import GpuFacts
@@ -32,10 +32,7 @@ T4_48 = GpuFacts("Quadro RTX 8000", (7, 5), 48 * GIB, (12, 8))
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+def offline_cache(clean_env, monkeypatch, tmp_path):
     monkeypatch.setenv("LNARIZE_CACHE_DIR", str(tmp_path))
     # No network here. huggingface_hub reads HF_HUB_OFFLINE once, at import:
     # patch its constant first, so a first import happens under the real
@@ -197,7 +194,7 @@ sys.exit(cli.main(["serve"]))
     ],
 )
 def test_serve_refuses_in_one_line_and_exit_2(gpu, profile, expected, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LNARIZE_")}
+    env = without_lnarize_settings()
     if profile == "long-context-bf16":
         profile, env["LNARIZE_KV_CACHE_DTYPE"] = "long-context", "auto"
     env.update(

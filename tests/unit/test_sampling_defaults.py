@@ -1,7 +1,5 @@
 """Server-wide sampling and thinking defaults: where they go in vLLM, and that a request's own values win."""
 
-import os
-
 import pytest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
@@ -9,12 +7,7 @@ from lnarize_serve.engine_args import build_engine_args, engine_arg_values
 from lnarize_serve.serving import frontend_args
 from lnarize_serve.settings import ConfigError, load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 CARD = '{"temperature": 0.7, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1}'

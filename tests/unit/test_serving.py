@@ -1,7 +1,5 @@
 """Mounting vLLM's OpenAI serving: the routes, and the frontend namespace its classes read."""
 
-import os
-
 import pytest
 from fastapi import FastAPI
 
@@ -9,12 +7,7 @@ from lnarize_serve.engine_args import build_engine_args
 from lnarize_serve.serving import OPENAI_ROUTES, frontend_args, mount_openai_routes
 from lnarize_serve.settings import load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_exactly_the_three_public_routes_are_mounted():

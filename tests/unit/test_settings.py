@@ -15,13 +15,7 @@ from lnarize_serve.settings import (
 )
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
-
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_defaults_are_the_interactive_production_shape():

@@ -2,7 +2,6 @@
 config it relies on, and that a request's own value wins."""
 
 import asyncio
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -17,11 +16,7 @@ from lnarize_serve.settings import ConfigError, load_settings
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("LNARIZE_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_unset_by_default_and_typed(monkeypatch):
