@@ -69,6 +69,7 @@ def create_app(settings: Settings, *, engine_starter: EngineStarter | None = Non
     app.include_router(health_router)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     mount_openai_routes(app)
+    metrics.routes = frozenset(route.path for route in app.routes)
     install_error_handlers(app)
 
     # add_middleware wraps: the last one added runs first.

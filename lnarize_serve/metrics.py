@@ -9,18 +9,9 @@ from starlette.responses import Response
 
 from lnarize_serve.kvtc.serving.metrics import KVTCMetrics
 from lnarize_serve.lifecycle import Phase
-from lnarize_serve.serving import OPENAI_ROUTES
 from lnarize_serve.settings import Settings
 from lnarize_serve.vllm_compat import installed_vllm_version
 
-# Routes get their own label value; anything else is "other" (bounded cardinality).
-KNOWN_ROUTES = (
-    *OPENAI_ROUTES,
-    "/health",
-    "/health/live",
-    "/health/ready",
-    "/metrics",
-)
 # Settings shown in lnarize_settings_info (never the API key).
 _INFO_SETTINGS = (
     "profile",
@@ -36,10 +27,6 @@ _INFO_SETTINGS = (
     "enable_prefix_caching",
     "kvtc_enable",
 )
-
-
-def route_label(path: str) -> str:
-    return path if path in KNOWN_ROUTES else "other"
 
 
 class ServerMetrics:
@@ -69,6 +56,9 @@ class ServerMetrics:
             "lnarize_warmup_seconds", "Seconds the warm-up generation (prefill and a few decode steps) took", registry=self.registry
         )
         self.kvtc = KVTCMetrics(self.registry, settings.kvtc_enable)
+        # The paths the app serves (create_app sets them once its routes exist)
+        # get their own label value; any other is "other" (bounded cardinality).
+        self.routes: frozenset[str] = frozenset()
         self.build_info.info({"version": version, "vllm_version": installed_vllm_version() or "unknown"})
         self.settings_info.info({name: str(getattr(settings, name)) for name in _INFO_SETTINGS})
         self.set_phase(Phase.LOADING)
@@ -78,8 +68,11 @@ class ServerMetrics:
             self.phase.labels(phase=candidate.value).set(1 if candidate is phase else 0)
         self.ready.set(1 if phase is Phase.READY else 0)
 
+    def route_label(self, path: str) -> str:
+        return path if path in self.routes else "other"
+
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        route = route_label(path)
+        route = self.route_label(path)
         self.requests.labels(route=route, status=str(status)).inc()
         self.request_seconds.labels(route=route).observe(seconds)
 

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from lnarize_serve.app import create_app
 from lnarize_serve.lifecycle import Phase
 from lnarize_serve.runtime import EXIT_ENGINE_FAILED_TO_START
+from lnarize_serve.serving import OPENAI_ROUTES
 from lnarize_serve.settings import load_settings
 
 
@@ -267,6 +268,18 @@ def test_metrics_while_loading(loading_app, client_of):
     assert 'lnarize_settings_info{' in text and 'profile="cpu-demo"' in text
     assert 'lnarize_requests_total{route="/health/ready",status="503"}' in text
     assert "lnarize_engine_load_seconds 0.0" in text
+
+
+def test_request_metrics_label_each_route_the_app_serves_and_lump_the_rest(loading_app, client_of):
+    app, starter = loading_app()
+    client = client_of(app, starter)
+    assert app.state.metrics.routes == {"/health", "/health/live", "/health/ready", "/metrics", *OPENAI_ROUTES}
+    client.get("/v1/models")
+    client.get("/no/such/path")
+    text = client.get("/metrics").text
+    assert 'lnarize_requests_total{route="/v1/models",status="503"}' in text
+    assert 'lnarize_requests_total{route="other",status="404"}' in text
+    assert "/no/such/path" not in text
 
 
 def test_engine_that_cannot_be_built_fails_liveness(monkeypatch):
