@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from lnarize_serve.settings import ConfigError, Settings, env_name, load_settings
@@ -102,15 +103,14 @@ def configure_config(parser: argparse.ArgumentParser) -> None:
 
 
 def describe_configuration(settings: Settings, probe: Any = None) -> dict[str, Any]:
-    from lnarize_serve.engine import check_kvtc_supported, model_location_preview, resolve_launch
+    from lnarize_serve.engine import model_location_preview, resolve_launch
     from lnarize_serve.engine_args import engine_arg_values
 
-    check_kvtc_supported(settings)
     location = model_location_preview(settings)
     # Offline-safe: the checkpoint's config from the cache, never the Hub.
     launch = resolve_launch(settings, location, online=False, probe=probe)
     engine_values = engine_arg_values(settings, location, launch)
-    return {
+    description = {
         "settings": launch.settings.masked_dump(),
         "launch": launch.describe(),
         "engine": {
@@ -121,6 +121,39 @@ def describe_configuration(settings: Settings, probe: Any = None) -> dict[str, A
         "request_defaults": request_defaults(launch),
         "vllm_engine_args": engine_values,
     }
+    if launch.settings.kvtc_enable:
+        kvtc = describe_kvtc_runtime(launch.settings, location)
+        description["kvtc"] = kvtc
+        # what the engine arguments will carry: the resolved runtime, or why not yet
+        engine_values["additional_config"] = {
+            **(engine_values.get("additional_config") or {}),
+            "lnarize_kvtc": kvtc.get("runtime") or f"resolved at start-up: {kvtc['unresolved']}",
+        }
+    return description
+
+
+def describe_kvtc_runtime(settings: Settings, location: str) -> dict[str, Any]:
+    """The KVTC settings the workers will use, by the server's own resolution
+    run offline; where that needs a download or conversion, why, in words."""
+    from lnarize_serve.engine import with_demo_kvtc_calibration
+    from lnarize_serve.kvtc.serving.serving_setup import (
+        KVTCSetupError,
+        KVTCUnresolvedOffline,
+        resolve_kvtc_runtime,
+    )
+
+    demo = with_demo_kvtc_calibration(settings, fit=False)
+    not_there_yet = None
+    if demo is not settings and not Path(demo.kvtc_calibration).is_file():
+        not_there_yet = f"the demo model's calibration ({demo.kvtc_calibration}) is fitted at the first start"
+    try:
+        resolved = resolve_kvtc_runtime(demo, location, online=False, not_there_yet=not_there_yet)
+    except KVTCSetupError as exc:
+        raise ConfigError(str(exc)) from None
+    except KVTCUnresolvedOffline as exc:
+        return {"unresolved": str(exc)}
+    runtime = resolved.runtime.as_additional_config()["lnarize_kvtc"]
+    return {"runtime": runtime, "bytes_per_token_per_kv_head": resolved.calibration.slot_bytes}
 
 
 def request_defaults(launch: Any) -> dict[str, dict[str, Any]]:
@@ -172,6 +205,15 @@ def run_config(args: argparse.Namespace) -> int:
     for key, default in description["request_defaults"].items():
         value = default["value"]
         print(f"{key}: {json.dumps(value) if not isinstance(value, str) else value} (from {default['from']})")
+    if "kvtc" in description:
+        print("\n# KVTC settings as the engine's processes will use them")
+        kvtc = description["kvtc"]
+        if "unresolved" in kvtc:
+            print(f"not resolved offline: {kvtc['unresolved']}")
+        else:
+            for key, value in kvtc["runtime"].items():
+                print(f"{key}: {value}")
+            print(f"bytes_per_token_per_kv_head: {kvtc['bytes_per_token_per_kv_head']}")
     print("\n# vLLM AsyncEngineArgs these settings produce")
     print(json.dumps(description["vllm_engine_args"], indent=2, default=str))
     return 0

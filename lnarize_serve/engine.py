@@ -22,14 +22,17 @@ logger = logging.getLogger("lnarize_serve.engine")
 
 
 def check_kvtc_supported(settings: Settings) -> None:
-    """Refuse KVTC settings this build cannot honour, with one line per setting."""
+    """Refuse KVTC settings this build cannot honour, with one line per setting
+    (the server's fail-fast check; the KVTC resolution runs the same one)."""
     if not settings.kvtc_enable:
         return
-    from lnarize_serve.kvtc.serving.serving_setup import unsupported_settings
+    from lnarize_serve.kvtc.serving.serving_setup import KVTCSetupError
+    from lnarize_serve.kvtc.serving.serving_setup import check_kvtc_supported as check
 
-    problems = unsupported_settings(settings)
-    if problems:
-        raise ConfigError("\n".join(problems))
+    try:
+        check(settings)
+    except KVTCSetupError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def model_location_preview(settings: Settings) -> str:
@@ -83,15 +86,16 @@ class EngineHandle:
     load_seconds: float
 
 
-def with_demo_kvtc_calibration(settings: Settings) -> Settings:
+def with_demo_kvtc_calibration(settings: Settings, fit: bool = True) -> Settings:
     """The demo model with KVTC and the default calibration name: its own
-    calibration, fitted on first use (the demo folder has no calibration file)."""
+    calibration, fitted on first use (the demo folder has no calibration file);
+    without ``fit``, where it is or will be."""
     default = Settings.model_fields["kvtc_calibration"].default
     if not (settings.kvtc_enable and settings.model == DEMO_MODEL_ID and settings.kvtc_calibration == default):
         return settings
-    from lnarize_serve.demo_model import ensure_demo_kvtc_calibration
+    from lnarize_serve.demo_model import demo_kvtc_calibration_path, ensure_demo_kvtc_calibration
 
-    path = ensure_demo_kvtc_calibration(settings.cache_dir)
+    path = (ensure_demo_kvtc_calibration if fit else demo_kvtc_calibration_path)(settings.cache_dir)
     return settings.model_copy(update={"kvtc_calibration": str(path)})
 
 
@@ -104,7 +108,6 @@ def prepare_launch(settings: Settings) -> tuple[Settings, AsyncEngineArgs]:
     frontend serves with) and the engine arguments."""
     import os
 
-    check_kvtc_supported(settings)
     location = resolve_model_location(settings)
     settings = with_demo_kvtc_calibration(settings)
     launch = resolve_launch(settings, location, online=True)

@@ -2,8 +2,9 @@
 
 Used by ``benchmarks/kvtc_vllm.py`` (the measurements) and the integration
 tests. Engines are vLLM ``LLM`` objects built in this process (their engine
-core and workers are spawned processes, so the KVTC plugin loads there from
-the exported environment).
+core and workers are spawned processes: the KVTC plugin loads there when
+``LNARIZE_KVTC_ENABLE`` is on in their inherited environment, and the backend
+reads its settings from the engine's ``additional_config``).
 
 Quality is measured where compression matters: every prompt is longer than
 a prefill chunk's reach (chunked prefill, so later chunks read earlier ones
@@ -24,13 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from lnarize_serve.kvtc.serving.runtime_config import (
-    CALIBRATION_VAR,
-    ENABLE_VAR,
-    SINK_VAR,
-    WINDOW_VAR,
-    KVTCRuntimeConfig,
-)
+from lnarize_serve.kvtc.serving.runtime_config import ENABLE_VAR, KVTCRuntimeConfig
 
 
 @dataclass
@@ -48,33 +43,33 @@ class EngineRun:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
 
+def kvtc_runtime(calibration_path: str, sink_tokens: int | None = None,
+                 window_tokens: int | None = None) -> KVTCRuntimeConfig:
+    """The runtime settings; unset sink/window mean what they mean to the server."""
+    if sink_tokens is None:
+        from lnarize_serve.kvtc.format.calibration import load_calibration
+        from lnarize_serve.kvtc.serving.serving_setup import resolve_sink_tokens
+
+        sink_tokens = resolve_sink_tokens(None, load_calibration(calibration_path))
+    if window_tokens is None:
+        from lnarize_serve.settings import Settings
+
+        window_tokens = Settings.model_fields["kvtc_window_tokens"].default
+    return KVTCRuntimeConfig(calibration_path, sink_tokens, window_tokens)
+
+
 @contextmanager
-def kvtc_environment(calibration_path: str | None, sink_tokens: int | None = None,
-                     window_tokens: int | None = None):
-    """Export (or clear) the KVTC settings for the engine built inside; unset
-    sink/window settings mean what they mean to the server."""
-    saved = {k: os.environ.get(k) for k in (ENABLE_VAR, CALIBRATION_VAR, SINK_VAR, WINDOW_VAR)}
+def kvtc_plugin_switch(enabled: bool):
+    """Switch the plugin on (or off) for the engine processes spawned inside."""
+    saved = os.environ.get(ENABLE_VAR)
+    os.environ[ENABLE_VAR] = "1" if enabled else "0"
     try:
-        if calibration_path:
-            if sink_tokens is None:  # what the server does with the setting unset
-                from lnarize_serve.kvtc.format.calibration import load_calibration
-                from lnarize_serve.kvtc.serving.serving_setup import resolve_sink_tokens
-
-                sink_tokens = resolve_sink_tokens(None, load_calibration(calibration_path))
-            if window_tokens is None:
-                from lnarize_serve.settings import Settings
-
-                window_tokens = Settings.model_fields["kvtc_window_tokens"].default
-            KVTCRuntimeConfig(calibration_path, sink_tokens, window_tokens).export()
-        else:
-            os.environ[ENABLE_VAR] = "0"
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved is None:
+            os.environ.pop(ENABLE_VAR, None)
+        else:
+            os.environ[ENABLE_VAR] = saved
 
 
 def build_llm(model: str, calibration_path: str | None, sink_tokens: int | None = None,
@@ -87,7 +82,10 @@ def build_llm(model: str, calibration_path: str | None, sink_tokens: int | None 
     kwargs.update(engine_kwargs)
     if calibration_path:
         kwargs["attention_backend"] = "CUSTOM"
-    with kvtc_environment(calibration_path, sink_tokens, window_tokens):
+        runtime = kvtc_runtime(calibration_path, sink_tokens, window_tokens)
+        kwargs["additional_config"] = {**(kwargs.get("additional_config") or {}),
+                                       **runtime.as_additional_config()}
+    with kvtc_plugin_switch(bool(calibration_path)):
         started = time.monotonic()
         llm = LLM(model, **kwargs)
         return llm, time.monotonic() - started

@@ -69,6 +69,59 @@ def test_kvtc_config_shows_the_backend_and_refuses_what_it_cannot_honour(capsys,
     assert code == 2 and "LNARIZE_KVTC_SINK_TOKENS=4" in err
 
 
+def _local_model_with_sink_calibration(tmp_path):
+    """A local model folder (config only) and a calibration with the position-0
+    sink constants, beside it (vLLM would load a *.safetensors inside as weights)."""
+    import torch
+
+    from lnarize_serve.kvtc.format.calibration import Calibration, RotaryInfo
+    from lnarize_serve.kvtc.format.fit import random_layer_codec
+
+    heads, head_dim, layers = 2, 64, 2
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": heads,
+        "hidden_size": 4 * head_dim, "head_dim": head_dim, "rope_theta": 10000.0,
+        "max_position_embeddings": 2048, "vocab_size": 256,
+    }))
+    codecs = {i: random_layer_codec(heads, head_dim, seed=i)[0] for i in range(layers)}
+    sink = {i: torch.zeros(heads, head_dim) for i in range(layers)}
+    calibration = Calibration("t", head_dim, heads, layers, codecs, RotaryInfo(head_dim, 10000.0),
+                              sink_keys=sink, sink_values=sink, sink_token_id=1)
+    return model, calibration.save(tmp_path / "kvtc.safetensors")
+
+
+def test_kvtc_config_shows_the_settings_the_workers_will_use(capsys, monkeypatch, tmp_path):
+    model, calibration = _local_model_with_sink_calibration(tmp_path)
+    monkeypatch.setenv("LNARIZE_MODEL", str(model))
+    monkeypatch.setenv("LNARIZE_QUANTIZATION", "auto")
+    monkeypatch.setenv("LNARIZE_KVTC_ENABLE", "1")
+    monkeypatch.setenv("LNARIZE_KVTC_CALIBRATION", str(calibration))
+    code, out, err = run_cli(capsys, "config", "--json")
+    assert code == 0, err
+    resolved = {"calibration": str(calibration.resolve()), "sink_tokens": 1, "window_tokens": 128}
+    # the sink setting is unset; the calibration's constants make it 1
+    assert json.loads(out)["settings"]["LNARIZE_KVTC_SINK_TOKENS"] is None
+    assert json.loads(out)["kvtc"]["runtime"] == resolved
+    assert json.loads(out)["vllm_engine_args"]["additional_config"]["lnarize_kvtc"] == resolved
+    code, out, _ = run_cli(capsys, "config")
+    assert code == 0 and "\nsink_tokens: 1\n" in out
+
+
+def test_kvtc_config_says_in_words_what_it_cannot_resolve_offline(capsys, monkeypatch):
+    # the production model is not in this machine's Hugging Face cache
+    monkeypatch.setenv("LNARIZE_KVTC_ENABLE", "1")
+    monkeypatch.setenv("LNARIZE_CACHE_DIR", "/nonexistent-lnarize-cache")
+    code, out, err = run_cli(capsys, "config")
+    assert code == 0, err
+    assert ("not resolved offline: LNARIZE_KVTC_CALIBRATION='kvtc_calibration.pt' is not a local "
+            "file and not in the Hugging Face cache") in out
+    assert '"lnarize_kvtc": "resolved at start-up: ' in out
+    assert "null" not in out.split("# KVTC", 1)[1].split("# vLLM", 1)[0]
+
+
 def test_version_and_help_and_unknown(capsys):
     code, out, _ = run_cli(capsys, "version")
     assert code == 0 and "lnarize-serve" in out and "vllm 0.32.0" in out

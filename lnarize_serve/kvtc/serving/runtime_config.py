@@ -1,11 +1,16 @@
-"""The KVTC settings every vLLM process needs, carried by the environment.
+"""The KVTC settings every vLLM process needs, carried by vLLM's own config.
 
-vLLM loads plugins and builds KV cache specs in process 0, the engine core and
-each worker, before (or outside) any current ``VllmConfig`` (see
-docs/kvtc-vllm.md). The server therefore exports its resolved KVTC settings as
-the ``LNARIZE_KVTC_*`` variables of the settings themselves; spawned processes
-inherit them. The calibration path in the environment is always a local file
-(the server resolves repo files before starting the engine).
+The server resolves them once (serving_setup.resolve_kvtc_runtime) and puts
+them under ``additional_config["lnarize_kvtc"]`` of the engine arguments. The
+``VllmConfig`` built from those arguments is pickled into the engine core and
+every worker, so each process reads the same values from the config it runs
+with; they also enter vLLM's config hash and its printed engine arguments.
+The calibration path there is always a local file (the server resolves repo
+files before starting the engine).
+
+Only the on/off switch stays in the environment: vLLM loads general plugins
+(plugin.register) before any ``VllmConfig`` exists, and the spawned processes
+inherit ``LNARIZE_KVTC_ENABLE`` from the server.
 """
 
 from __future__ import annotations
@@ -13,11 +18,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 ENABLE_VAR = "LNARIZE_KVTC_ENABLE"
-CALIBRATION_VAR = "LNARIZE_KVTC_CALIBRATION"
-SINK_VAR = "LNARIZE_KVTC_SINK_TOKENS"
-WINDOW_VAR = "LNARIZE_KVTC_WINDOW_TOKENS"
+ADDITIONAL_CONFIG_KEY = "lnarize_kvtc"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -33,24 +37,44 @@ class KVTCRuntimeConfig:
     sink_tokens: int = 0
     window_tokens: int = 0
 
-    def export(self, environ: MutableMapping[str, str] | None = None) -> None:
-        """Write the settings where spawned vLLM processes will read them."""
-        target = os.environ if environ is None else environ
-        target[ENABLE_VAR] = "1"
-        target[CALIBRATION_VAR] = self.calibration_path
-        target[SINK_VAR] = str(self.sink_tokens)
-        target[WINDOW_VAR] = str(self.window_tokens)
-
     def as_additional_config(self) -> dict[str, object]:
-        """For vLLM's ``additional_config``: enters its config hash and the
-        printed engine arguments; the processes read the environment."""
+        """For vLLM's ``additional_config``, which carries it to every process."""
         return {
-            "lnarize_kvtc": {
+            ADDITIONAL_CONFIG_KEY: {
                 "calibration": self.calibration_path,
                 "sink_tokens": self.sink_tokens,
                 "window_tokens": self.window_tokens,
             }
         }
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> KVTCRuntimeConfig:
+        """Parse what :meth:`as_additional_config` wrote; one error naming the
+        malformed entry."""
+        where = f"vLLM additional_config[{ADDITIONAL_CONFIG_KEY!r}]"
+        section = additional_config.get(ADDITIONAL_CONFIG_KEY) if isinstance(
+            additional_config, Mapping) else None
+        if not isinstance(section, Mapping):
+            raise KVTCConfigError(
+                f"{where} is missing or not a mapping ({section!r}): the KVTC attention backend "
+                "needs the settings the server resolves (start engines through lnarize-serve, "
+                "or pass KVTCRuntimeConfig(...).as_additional_config())"
+            )
+        path = section.get("calibration")
+        if not isinstance(path, str) or not os.path.isfile(path):
+            raise KVTCConfigError(
+                f"{where}['calibration']={path!r} is not a local file in this process "
+                "(the server resolves the calibration before starting vLLM)"
+            )
+        return cls(path, _count(section, "sink_tokens", where), _count(section, "window_tokens", where))
+
+
+def _count(section: Mapping[str, Any], name: str, where: str) -> int:
+    value = section.get(name, 0)
+    # bool is an int in Python; a JSON true here is a mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KVTCConfigError(f"{where}[{name!r}]={value!r} is not an integer >= 0")
+    return value
 
 
 def kvtc_enabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -63,28 +87,7 @@ def kvtc_enabled(environ: Mapping[str, str] | None = None) -> bool:
     raise KVTCConfigError(f"{ENABLE_VAR}={value!r} is not a boolean (use 1/0, true/false)")
 
 
-def _int(environ: Mapping[str, str], name: str) -> int:
-    raw = environ.get(name, "0").strip() or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise KVTCConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < 0:
-        raise KVTCConfigError(f"{name}={value} must be >= 0")
-    return value
-
-
-def runtime_config_from_environ(
-    environ: Mapping[str, str] | None = None,
-) -> KVTCRuntimeConfig | None:
-    """The exported settings, or None when KVTC is off in this process."""
-    environ = os.environ if environ is None else environ
-    if not kvtc_enabled(environ):
-        return None
-    path = environ.get(CALIBRATION_VAR, "").strip()
-    if not path or not os.path.isfile(path):
-        raise KVTCConfigError(
-            f"{CALIBRATION_VAR}={path!r}: KVTC is enabled but the calibration is not a "
-            "local file in this process (the server resolves it before starting vLLM)"
-        )
-    return KVTCRuntimeConfig(path, _int(environ, SINK_VAR), _int(environ, WINDOW_VAR))
+def enable_in_spawned_processes(environ: MutableMapping[str, str] | None = None) -> None:
+    """Switch the plugin on for the vLLM processes this one will spawn (the
+    setting may have come from a flag, not the environment)."""
+    (os.environ if environ is None else environ)[ENABLE_VAR] = "1"

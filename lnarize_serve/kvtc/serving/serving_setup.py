@@ -4,7 +4,9 @@ Runs in the server process before vLLM starts: resolves the calibration
 source (a local file, or a file in the model repo via huggingface_hub),
 converts the shipped pickle format once (through the codec's safe loader) to
 our safetensors format, validates it against the model's config, exports the
-settings for vLLM's processes and installs the backend in this process.
+settings into the engine arguments (vLLM carries them to its processes) and
+installs the backend in this process. ``lnarize-serve config`` runs the same
+resolution offline, to show the settings the workers will use.
 
 vLLM forks its engine core from this process (its default start method on
 CUDA), so nothing here runs torch compute or touches CUDA: the server reads
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,7 @@ from lnarize_serve.kvtc.format.calibration import (
     read_metadata,
     validate_against_model,
 )
-from lnarize_serve.kvtc.serving.runtime_config import KVTCRuntimeConfig
+from lnarize_serve.kvtc.serving.runtime_config import KVTCRuntimeConfig, enable_in_spawned_processes
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -46,6 +49,11 @@ ATTENTION_BACKEND = "CUSTOM"
 
 class KVTCSetupError(ValueError):
     """KVTC cannot start with these settings; the message names the setting."""
+
+
+class KVTCUnresolvedOffline(Exception):
+    """The calibration is not on this machine yet (the server fetches or
+    converts it at start-up); the message says why, in words."""
 
 
 def unsupported_settings(settings: Settings) -> list[str]:
@@ -64,26 +72,41 @@ def unsupported_settings(settings: Settings) -> list[str]:
     return problems
 
 
+def check_kvtc_supported(settings: Settings) -> None:
+    """Refuse KVTC settings this build cannot honour, one line per setting."""
+    if not settings.kvtc_enable:
+        return
+    problems = unsupported_settings(settings)
+    if problems:
+        raise KVTCSetupError("\n".join(problems))
+
+
 def kvtc_engine_arg_values(settings: Settings) -> dict[str, Any]:
-    """The engine arguments KVTC adds (pure; the calibration path is resolved
-    to a local file at start-up)."""
+    """The engine argument KVTC adds (pure); ``additional_config`` comes from
+    :func:`resolve_kvtc_runtime`, which needs the calibration file."""
     if not settings.kvtc_enable:
         return {}
-    runtime = KVTCRuntimeConfig(
-        settings.kvtc_calibration, settings.kvtc_sink_tokens, settings.kvtc_window_tokens
-    )
-    return {"attention_backend": ATTENTION_BACKEND, "additional_config": runtime.as_additional_config()}
+    return {"attention_backend": ATTENTION_BACKEND}
 
 
-def _model_config(model_location: str, revision: str | None, cache_dir: Path | None) -> dict:
+def _model_config(model_location: str, revision: str | None, cache_dir: Path | None,
+                  online: bool = True) -> dict:
     local = Path(model_location)
     if local.is_dir():
         return json.loads((local / "config.json").read_text())
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    path = hf_hub_download(
-        model_location, "config.json", revision=revision, cache_dir=_hub_dir(cache_dir)
-    )
+    try:
+        path = hf_hub_download(model_location, "config.json", revision=revision,
+                               cache_dir=_hub_dir(cache_dir), local_files_only=not online)
+    except LocalEntryNotFoundError:
+        if online:
+            raise
+        raise KVTCUnresolvedOffline(
+            f"the model's config.json ({model_location}) is not in the Hugging Face cache; "
+            "the server downloads it at start-up"
+        ) from None
     return json.loads(Path(path).read_text())
 
 
@@ -99,7 +122,8 @@ def calibrate_hint(model_location: str) -> str:
 
 
 def resolve_calibration_source(
-    source: str, model_location: str, revision: str | None, cache_dir: Path | None
+    source: str, model_location: str, revision: str | None, cache_dir: Path | None,
+    online: bool = True,
 ) -> Path:
     """A local file as is; otherwise the file of that name in the model repo."""
     local = Path(source).expanduser()
@@ -115,13 +139,18 @@ def resolve_calibration_source(
             f"model folder {model_dir} has none of that name; {calibrate_hint(model_location)}"
         )
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(
-            hf_hub_download(model_location, source, revision=revision, cache_dir=_hub_dir(cache_dir))
-        )
+        return Path(hf_hub_download(model_location, source, revision=revision,
+                                    cache_dir=_hub_dir(cache_dir), local_files_only=not online))
     except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        if not online and isinstance(exc, LocalEntryNotFoundError):
+            raise KVTCUnresolvedOffline(
+                f"LNARIZE_KVTC_CALIBRATION={source!r} is not a local file and not in the Hugging "
+                f"Face cache for {model_location!r}; the server downloads it from the model repo "
+                "at start-up"
+            ) from None
         raise KVTCSetupError(
             f"invalid setting LNARIZE_KVTC_CALIBRATION={source!r}: not a local file and not "
             f"downloadable from the model repo {model_location!r} ({type(exc).__name__}: {exc}); "
@@ -138,15 +167,21 @@ def _is_our_format(path: Path) -> bool:
 
 
 def prepare_calibration_file(
-    path: Path, model_config: dict, model_id: str, converted_dir: Path
+    path: Path, model_config: dict, model_id: str, converted_dir: Path, online: bool = True
 ) -> Path:
     """Our format, validated against the model (from its metadata); shipped
-    files are converted once, in a helper process."""
+    files are converted once, in a helper process (not when ``online`` is
+    off: ``config`` converts nothing)."""
     geometry = AttentionGeometry.from_config(model_config)
     prepared = path
     if not _is_our_format(path):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         prepared = converted_dir / f"kvtc-{digest}.safetensors"
+        if not prepared.is_file() and not online:
+            raise KVTCUnresolvedOffline(
+                f"the calibration {path} is in the shipped format and not converted yet; the "
+                f"server converts it to {prepared} at start-up"
+            )
         if not prepared.is_file():
             logger.info("converting shipped KVTC calibration %s -> %s", path, prepared)
             prepared.parent.mkdir(parents=True, exist_ok=True)
@@ -199,34 +234,57 @@ def default_converted_dir(cache_dir: Path | None) -> Path:
     return (cache_dir or default_cache_dir()) / "kvtc"
 
 
-def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngineArgs) -> KVTCRuntimeConfig:
-    """Resolve, check and install KVTC for the engine about to start.
+@dataclass(frozen=True)
+class ResolvedKVTC:
+    runtime: KVTCRuntimeConfig
+    calibration: CalibrationSummary
 
-    Exports the settings for vLLM's processes, registers the backend in this
-    process (plugins may have loaded before the export), and points the
-    engine arguments at the local calibration file.
+
+def resolve_kvtc_runtime(settings: Settings, model_location: str, online: bool = True,
+                         not_there_yet: str | None = None) -> ResolvedKVTC:
+    """The KVTC settings the engine's processes will use: the calibration as a
+    checked local file in our format, the sink resolved against it, the window.
+
+    The one resolution for the server (``online``: downloads and converts) and
+    ``lnarize-serve config`` (offline: raises KVTCUnresolvedOffline where it
+    would have to fetch or convert, or with ``not_there_yet``: why the
+    calibration is known not to exist yet, e.g. the demo's is fitted at start).
     """
-    problems = unsupported_settings(settings)
-    if problems:
-        raise KVTCSetupError("\n".join(problems))
+    check_kvtc_supported(settings)
+    if not_there_yet:
+        raise KVTCUnresolvedOffline(not_there_yet)
     source = resolve_calibration_source(
-        settings.kvtc_calibration, model_location, settings.revision, settings.cache_dir
+        settings.kvtc_calibration, model_location, settings.revision, settings.cache_dir, online
     )
     try:
         prepared = prepare_calibration_file(
             source,
-            _model_config(model_location, settings.revision, settings.cache_dir),
+            _model_config(model_location, settings.revision, settings.cache_dir, online),
             settings.model,
             default_converted_dir(settings.cache_dir),
+            online,
         )
+        calibration = CalibrationSummary.read(prepared)
     except CalibrationError as exc:
         raise KVTCSetupError(
             f"invalid setting LNARIZE_KVTC_CALIBRATION={settings.kvtc_calibration!r}: {exc}"
         ) from None
-    calibration = CalibrationSummary.read(prepared)
     sink_tokens = resolve_sink_tokens(settings.kvtc_sink_tokens, calibration)
     runtime = KVTCRuntimeConfig(str(prepared.resolve()), sink_tokens, settings.kvtc_window_tokens)
-    runtime.export()
+    return ResolvedKVTC(runtime, calibration)
+
+
+def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngineArgs) -> KVTCRuntimeConfig:
+    """Resolve, check and install KVTC for the engine about to start.
+
+    Puts the resolved settings in the engine arguments' ``additional_config``
+    (inside the VllmConfig every vLLM process receives), switches the plugin on
+    for the spawned processes, and registers the backend in this process
+    (plugins may have loaded before).
+    """
+    resolved = resolve_kvtc_runtime(settings, model_location)
+    runtime, calibration = resolved.runtime, resolved.calibration
+    enable_in_spawned_processes()
     from lnarize_serve.kvtc.serving.plugin import register
 
     register()
@@ -238,13 +296,13 @@ def install_kvtc(settings: Settings, model_location: str, engine_args: AsyncEngi
     logger.info(
         "KVTC on: %s, %d B per token per KV head (%.2fx smaller than bf16), layers %s; "
         "exact: sink %d, window %d (pool beside the cache: %.1f MiB)",
-        prepared,
+        runtime.calibration_path,
         calibration.slot_bytes,
         4 * calibration.head_dim / calibration.slot_bytes,
         calibration.layer_indices,
-        sink_tokens,
-        settings.kvtc_window_tokens,
-        window_pool_bytes(settings.kvtc_window_tokens, settings.max_num_seqs, calibration) / 2**20,
+        runtime.sink_tokens,
+        runtime.window_tokens,
+        window_pool_bytes(runtime.window_tokens, settings.max_num_seqs, calibration) / 2**20,
     )
     return runtime
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.v1.attention.backend import (
@@ -56,11 +56,7 @@ from lnarize_serve.kvtc.serving.kvtc_ops import (
     real_request_count,
 )
 from lnarize_serve.kvtc.serving.model_codecs import layer_index_for, load_serving_calibration
-from lnarize_serve.kvtc.serving.runtime_config import (
-    KVTCConfigError,
-    KVTCRuntimeConfig,
-    runtime_config_from_environ,
-)
+from lnarize_serve.kvtc.serving.runtime_config import KVTCConfigError, KVTCRuntimeConfig
 from lnarize_serve.kvtc.serving.sink import SinkConstants
 from lnarize_serve.kvtc.serving.window import (
     LayerWindow,
@@ -78,14 +74,30 @@ logger = init_logger(__name__)
 FIRST_DECODE_LOG = "KVTC decode path ran: first decode/verify rows served by the compressed cache"
 
 
-def _runtime() -> KVTCRuntimeConfig:
-    runtime = runtime_config_from_environ()
-    if runtime is None:
+# The settings this process's KVTC layers were built with (see _runtime).
+_process_runtime: KVTCRuntimeConfig | None = None
+
+
+def _runtime(vllm_config: VllmConfig | None = None) -> KVTCRuntimeConfig:
+    """The KVTC settings of the engine's ``VllmConfig`` (the one given, else
+    the current one).
+
+    Fallback: vLLM calls ``customize_spec`` with the spec alone, and in the
+    worker outside any current config (KV cache spec collection, the hybrid
+    block-size alignment); both run after the model's layers were built, so
+    the settings those layers read from the config stand for this process.
+    """
+    global _process_runtime
+    config = vllm_config or get_current_vllm_config_or_none()
+    if config is not None:
+        _process_runtime = KVTCRuntimeConfig.from_additional_config(config.additional_config)
+        return _process_runtime
+    if _process_runtime is None:
         raise KVTCConfigError(
-            "the KVTC attention backend is installed but LNARIZE_KVTC_ENABLE is off "
-            "in this process"
+            "the KVTC attention backend was asked for its settings with no current vLLM "
+            "config and before any KVTC layer was built in this process"
         )
-    return runtime
+    return _process_runtime
 
 
 def _calibration() -> Calibration:
@@ -183,7 +195,7 @@ class KVTCMetadataBuilder(AttentionMetadataBuilder[KVTCMetadata]):
         # vLLM moves rows with at most this many tokens to the front, so the
         # decode/verify rows form a prefix the decode op takes in one call.
         self.reorder_batch_threshold = DECODE_MAX_QUERY
-        window = _runtime().window_tokens
+        window = _runtime(vllm_config).window_tokens
         self.window_pool = None
         if window:
             entries = pool_entries(vllm_config.scheduler_config.max_num_seqs, window)

@@ -2,9 +2,10 @@
 on the spot (so CI needs no downloaded calibration) and the engine settings.
 
 Engines are vLLM ``LLM`` objects built in the test process; their engine core
-and worker are spawned processes, which load the KVTC plugin from the
-environment the fixture exports (what the server does), so these tests cover
-the plugin in every process. Engines are small: VLLM_CPU_KVCACHE_SPACE=1,
+and worker are spawned processes, which load the KVTC plugin when
+LNARIZE_KVTC_ENABLE is on in the environment they inherit and read the
+backend's settings from the engine's additional_config (what the server does),
+so these tests cover the plugin in every process. Engines are small: VLLM_CPU_KVCACHE_SPACE=1,
 eager mode, one per module.
 """
 

@@ -77,6 +77,12 @@ CHILD = textwrap.dedent('''
     with counter:
         engine_args = prepare_engine_args(settings)
     assert engine_args.attention_backend == "CUSTOM", engine_args.attention_backend
+    # the resolved settings travel in vLLM's config; the environment keeps only the switch
+    runtime = engine_args.additional_config["lnarize_kvtc"]
+    assert Path(runtime["calibration"]).is_file(), runtime
+    assert (runtime["sink_tokens"], runtime["window_tokens"]) == (0, 128), runtime
+    kvtc_vars = sorted(k for k in os.environ if k.startswith("LNARIZE_KVTC_"))
+    assert kvtc_vars == ["LNARIZE_KVTC_ENABLE"], kvtc_vars
     assert not counter.ops, f"torch ops ran in the server process: {sorted(set(counter.ops))}"
     assert not torch.cuda.is_initialized()
     for module in ("lnarize_serve.kvtc.kernels", "lnarize_serve.kvtc.serving.vllm_backend"):

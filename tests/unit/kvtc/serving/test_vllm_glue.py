@@ -16,11 +16,7 @@ from lnarize_serve.kvtc.serving.kvtc_ops import (
     real_request_count,
 )
 from lnarize_serve.kvtc.serving.model_codecs import layer_index_for
-from lnarize_serve.kvtc.serving.runtime_config import (
-    KVTCConfigError,
-    KVTCRuntimeConfig,
-    runtime_config_from_environ,
-)
+from lnarize_serve.kvtc.serving.runtime_config import KVTCConfigError, KVTCRuntimeConfig, kvtc_enabled
 from lnarize_serve.kvtc.serving.sink import SinkConstants, sink_flags, snap_to_sink
 from lnarize_serve.kvtc.serving.window import LayerWindow, WindowPool, pool_entries, pool_window
 
@@ -36,18 +32,41 @@ def test_layer_names_map_to_calibrated_layers():
         layer_index_for("model.layers.2.self_attn.attn", full, 8)
 
 
-def test_runtime_config_round_trips_through_the_environment(tmp_path):
+def test_runtime_config_round_trips_through_vllm_additional_config(tmp_path):
     path = tmp_path / "c.safetensors"
     path.write_bytes(b"x")
-    environ: dict[str, str] = {}
-    assert runtime_config_from_environ(environ) is None
-    KVTCRuntimeConfig(str(path), 0, 0).export(environ)
-    assert runtime_config_from_environ(environ) == KVTCRuntimeConfig(str(path), 0, 0)
-    environ["LNARIZE_KVTC_CALIBRATION"] = str(tmp_path / "missing")
-    with pytest.raises(KVTCConfigError, match="LNARIZE_KVTC_CALIBRATION"):
-        runtime_config_from_environ(environ)
+    runtime = KVTCRuntimeConfig(str(path), 1, 128)
+    # other plugins' entries beside ours are left alone
+    additional = {"other": {"x": 1}, **runtime.as_additional_config()}
+    assert KVTCRuntimeConfig.from_additional_config(additional) == runtime
+    # written by hand (e.g. LLM(additional_config=...)): unset counts mean 0
+    assert KVTCRuntimeConfig.from_additional_config(
+        {"lnarize_kvtc": {"calibration": str(path)}}) == KVTCRuntimeConfig(str(path), 0, 0)
+
+
+@pytest.mark.parametrize(("additional", "named"), [
+    (None, r"additional_config\['lnarize_kvtc'\] is missing"),
+    ({"lnarize_kvtc": "on"}, r"additional_config\['lnarize_kvtc'\] is missing or not a mapping"),
+    ({"lnarize_kvtc": {"calibration": "/no/such/file"}}, r"\['calibration'\]='/no/such/file'"),
+    ({"lnarize_kvtc": {"calibration": "CAL", "sink_tokens": "1"}}, r"\['sink_tokens'\]='1'"),
+    ({"lnarize_kvtc": {"calibration": "CAL", "sink_tokens": True}}, r"\['sink_tokens'\]=True"),
+    ({"lnarize_kvtc": {"calibration": "CAL", "window_tokens": -1}}, r"\['window_tokens'\]=-1"),
+])
+def test_malformed_additional_config_names_the_entry(tmp_path, additional, named):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"x")
+    if isinstance(additional, dict) and isinstance(additional["lnarize_kvtc"], dict):
+        section = additional["lnarize_kvtc"]
+        if section["calibration"] == "CAL":
+            section["calibration"] = str(path)
+    with pytest.raises(KVTCConfigError, match=named):
+        KVTCRuntimeConfig.from_additional_config(additional)
+
+
+def test_plugin_switch_is_a_boolean():
+    assert kvtc_enabled({}) is False and kvtc_enabled({"LNARIZE_KVTC_ENABLE": "1"}) is True
     with pytest.raises(KVTCConfigError, match="not a boolean"):
-        runtime_config_from_environ({"LNARIZE_KVTC_ENABLE": "maybe"})
+        kvtc_enabled({"LNARIZE_KVTC_ENABLE": "maybe"})
 
 
 def test_glue_splits_decode_and_prefill_rows_like_separate_calls():
