@@ -146,8 +146,10 @@ def raised_while_reading_the_body(exc: BaseException) -> bool:
 
 def unexpected_error_response(exc: BaseException, method: str, path: str) -> JSONResponse:
     """An exception nothing else handled: a 400 if the body's parsing raised
-    it, else a bug of ours (generic 500 with an error id)."""
-    if isinstance(exc, (TypeError, ValueError)) and raised_while_reading_the_body(exc):
+    it, else a bug of ours (generic 500 with an error id). Body parsing runs only
+    the request models' validators over the body, so whatever they raise
+    (TypeError, AttributeError, ...) is the body's shape, never server state."""
+    if raised_while_reading_the_body(exc):
         logger.info("%s %s: body refused (%s in request parsing)", method, path, type(exc).__name__)
         return error_response(400, BODY_SHAPE_MESSAGE)
     return internal_error_response(exc)

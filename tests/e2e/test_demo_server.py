@@ -253,6 +253,8 @@ def test_unknown_role_is_400(client):
         # type; found by the API fuzzer as 500s.
         {"messages": False, "model": False, "structured_outputs": {"choice": [0.0, 0.0]}, "max_tokens": 4},
         {"messages": False, "model": MODEL, "max_tokens": 4},
+        # read as a dict by a validator before its type is checked (AttributeError)
+        {"messages": GOOD_MESSAGES, "model": MODEL, "max_tokens": 4, "structured_outputs": True},
         # integers vLLM's request models accept but its engine wire format
         # (64-bit msgpack) cannot carry; found by the API fuzzer as 500s
         {"messages": GOOD_MESSAGES, "model": MODEL, "max_tokens": 4, "top_k": 2**70},

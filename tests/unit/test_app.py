@@ -151,19 +151,30 @@ def test_unexpected_errors_leak_nothing(loading_app, client_of):
     assert "error_id=" in error["message"]
 
 
-def test_a_body_validator_that_trips_over_the_wrong_type_is_400(loading_app, client_of):
-    # vLLM's request models have validators that iterate "messages" before
-    # pydantic checks its type: `"messages": false` raised a bare TypeError out
-    # of body parsing (found by the API fuzzer). A stand-in model does the same.
+@pytest.mark.parametrize(
+    "peek",
+    [
+        # `"messages": false` iterated before pydantic checks its type: TypeError
+        lambda data: [m for m in data["messages"]],
+        # `"structured_outputs": true` read as a dict: AttributeError
+        lambda data: data.get("structured_outputs", {}).get("choice"),
+    ],
+    ids=["TypeError", "AttributeError"],
+)
+def test_a_body_validator_that_trips_over_the_wrong_type_is_400(loading_app, client_of, peek):
+    # vLLM's request models have validators that look inside fields before
+    # pydantic checks their types, and raise whatever that raises (found by
+    # the API fuzzer as 500s). A stand-in model does the same.
     from pydantic import BaseModel, model_validator
 
     class Body(BaseModel):
         messages: list[dict]
+        structured_outputs: dict | None = None
 
         @model_validator(mode="before")
         @classmethod
-        def peek(cls, data):
-            [m for m in data["messages"]]
+        def look_inside(cls, data):
+            peek(data)
             return data
 
     app, starter = loading_app()
@@ -173,7 +184,7 @@ def test_a_body_validator_that_trips_over_the_wrong_type_is_400(loading_app, cli
 
     app.add_api_route("/chat", chat, methods=["POST"])
     client = client_of(app, starter)
-    response = client.post("/chat", json={"messages": False})
+    response = client.post("/chat", json={"messages": False, "structured_outputs": True})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "BadRequestError" and "not iterable" not in error["message"]
