@@ -6,6 +6,7 @@ from vllm import SamplingParams
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.usage.usage_lib import UsageContext
+from vllm.utils.torch_utils import get_dtype_size
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
@@ -16,5 +17,6 @@ __all__ = [
     "SamplingParams",
     "UsageContext",
     "VllmConfig",
+    "get_dtype_size",
     "get_prometheus_registry",
 ]

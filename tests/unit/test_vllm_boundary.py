@@ -1,6 +1,7 @@
-"""vLLM is imported in one place: lnarize_serve/vllm_compat/ (and kvtc/, the
-attention backend that runs inside vLLM). Any other module that imports vLLM,
-at the top, in a function or under TYPE_CHECKING, fails here."""
+"""vLLM is imported in one place: lnarize_serve/vllm_compat/, and by the KVTC
+attention backend that runs inside vLLM (its module and the plugin that
+registers it). Any other module that imports vLLM, at the top, in a function or
+under TYPE_CHECKING, fails here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lnarize_serve"
-BOUNDARY = ("vllm_compat/", "kvtc/")
+BOUNDARY = ("vllm_compat/", "kvtc/serving/vllm_backend.py", "kvtc/serving/plugin.py")
 
 
 def vllm_imports(source: str) -> list[int]:

@@ -54,7 +54,7 @@ class KVTCMetrics:
             self.exact_sink_tokens.set(kvtc.get("sink_tokens") or 0)
             self.window_tokens.set(kvtc.get("window_tokens") or 0)
         else:
-            from vllm.utils.torch_utils import get_dtype_size
+            from lnarize_serve.vllm_compat.engine import get_dtype_size
 
             slot = 2 * head_dim * get_dtype_size(vllm_config.model_config.dtype)
             if cache.cache_dtype.startswith("fp8"):

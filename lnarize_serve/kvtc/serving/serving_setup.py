@@ -36,7 +36,7 @@ from lnarize_serve.kvtc.format.calibration import (
 from lnarize_serve.kvtc.serving.runtime_config import KVTCRuntimeConfig, enable_in_spawned_processes
 
 if TYPE_CHECKING:
-    from vllm.engine.arg_utils import AsyncEngineArgs
+    from lnarize_serve.vllm_compat.engine import AsyncEngineArgs
 
     from lnarize_serve.settings import Settings
 
