@@ -26,6 +26,8 @@ def server_logs(tmp_path_factory) -> Path:
 # Log lines of each server shown for a failed test in the run's last lines.
 FAILURE_LOG_LINES = 25
 _FAILED_SERVER_LOGS = pytest.StashKey[list]()
+_SERVERS_AT_SETUP = pytest.StashKey[list]()
+_STARTED_BEFORE_CALL = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -34,7 +36,7 @@ def pytest_runtest_makereport(item, call):
     started = ServerProcess.started
     if call.when == "setup":
         # Its servers: those its fixtures started or kept running (module scope).
-        item.stash[_SERVERS_AT_SETUP] = [s for s in started if s.process is not None and s.process.poll() is None]
+        item.stash[_SERVERS_AT_SETUP] = [s for s in started if s.state() == "running"]
         item.stash[_STARTED_BEFORE_CALL] = len(started)
     if report.failed:
         servers = item.stash.get(_SERVERS_AT_SETUP, []) + started[item.stash.get(_STARTED_BEFORE_CALL, len(started)):]
@@ -45,10 +47,6 @@ def pytest_runtest_makereport(item, call):
         report.sections.extend(sections)
         item.config.stash.setdefault(_FAILED_SERVER_LOGS, []).append((report.nodeid, sections))
     return report
-
-
-_SERVERS_AT_SETUP = pytest.StashKey[list]()
-_STARTED_BEFORE_CALL = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(trylast=True)
