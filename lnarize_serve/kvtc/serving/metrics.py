@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from lnarize_serve.kvtc.serving.runtime_config import ADDITIONAL_CONFIG_KEY, KVTCRuntimeConfig
+
 
 class KVTCMetrics:
     def __init__(self, registry: CollectorRegistry, enabled: bool) -> None:
@@ -46,13 +48,15 @@ class KVTCMetrics:
             self.capacity_tokens.set(cache.kv_cache_size_tokens)
         head_dim = vllm_config.model_config.get_head_size()
         bf16 = 4 * head_dim
-        kvtc = (vllm_config.additional_config or {}).get("lnarize_kvtc")
-        if kvtc:
+        additional = vllm_config.additional_config or {}
+        if ADDITIONAL_CONFIG_KEY in additional:
             from lnarize_serve.kvtc.format.calibration import CalibrationSummary
 
-            slot = CalibrationSummary.read(kvtc["calibration"]).slot_bytes
-            self.exact_sink_tokens.set(kvtc.get("sink_tokens") or 0)
-            self.window_tokens.set(kvtc.get("window_tokens") or 0)
+            # the same parse the engine's processes run on the same config
+            runtime = KVTCRuntimeConfig.from_additional_config(additional)
+            slot = CalibrationSummary.read(runtime.calibration_path).slot_bytes
+            self.exact_sink_tokens.set(runtime.sink_tokens)
+            self.window_tokens.set(runtime.window_tokens)
         else:
             from lnarize_serve.vllm_compat.engine import get_dtype_size
 
