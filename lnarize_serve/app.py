@@ -12,6 +12,7 @@ from lnarize_serve import __version__
 from lnarize_serve.errors import install_error_handlers
 from lnarize_serve.health import router as health_router
 from lnarize_serve.lifecycle import Lifecycle
+from lnarize_serve.loop_stall import watch_event_loop
 from lnarize_serve.metrics import ServerMetrics, metrics_endpoint
 from lnarize_serve.middleware import (
     AccessLogMiddleware,
@@ -34,12 +35,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # answering probes with 503) while weights load and the engine warms up.
     loader = asyncio.create_task(runtime.load(app), name="lnarize-engine-load")
     watchdog = asyncio.create_task(runtime.watch_engine(), name="lnarize-engine-watchdog")
+    loop_watch = asyncio.create_task(watch_event_loop(), name="lnarize-loop-stall-watch")
     try:
         yield
     finally:
-        watchdog.cancel()
-        loader.cancel()
-        await asyncio.gather(watchdog, loader, return_exceptions=True)
+        for task in (loop_watch, watchdog, loader):
+            task.cancel()
+        await asyncio.gather(loop_watch, watchdog, loader, return_exceptions=True)
         runtime.stop_during_engine_build()
         await asyncio.to_thread(runtime.shutdown_engine)
 
