@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
+
+import httpx
+import psutil
 
 from lnarize_serve.bench import process
 from lnarize_serve.bench.process import free_port, without_lnarize_settings
@@ -50,3 +55,32 @@ class ServerProcess(process.ServerProcess):
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> float:
         return super().wait_ready(timeout, on_response=lambda response, _: self.startup_ready_codes.append(response.status_code))
+
+    @contextlib.contextmanager
+    def connected_client(self, timeout: float = 30, **kwargs) -> Iterator[httpx.Client]:
+        """An httpx client whose connection is opened now, with one liveness probe.
+
+        Used by tests that time what the server does while it generates: a
+        request sent on this client soon after (within uvicorn's 5 s keep-alive)
+        needs no new connection, so the test measures the server, not how long
+        a connect takes on a machine busy generating.
+        """
+        with httpx.Client(base_url=self.url, timeout=timeout, **kwargs) as client:
+            client.get("/health/live").raise_for_status()
+            yield client
+
+    @contextlib.contextmanager
+    def frozen_engine(self) -> Iterator[None]:
+        """The engine processes stopped (SIGSTOP) while the API process goes on
+        serving: a request in flight stays in flight, however long the test
+        takes to probe the server, until the block ends (SIGCONT)."""
+        assert self.process is not None, "start() first"
+        engine = psutil.Process(self.process.pid).children(recursive=True)
+        for engine_process in engine:
+            engine_process.suspend()
+        try:
+            yield
+        finally:
+            for engine_process in engine:
+                with contextlib.suppress(psutil.Error):
+                    engine_process.resume()

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from lnarize_serve.bench.process import metric_value
 from tests.e2e.conftest import running_server
 from tests.e2e.server_process import base_env
 
@@ -25,7 +26,9 @@ API_KEY = "sk-e2e-test"
 MODEL = "smollm2-135m-instruct"
 MAX_MODEL_LEN = 2048
 MAX_REQUEST_BYTES = 256 * 1024
-DRAIN_TIMEOUT = 60
+# The SIGTERM test freezes the engine while it probes the drain; this only
+# bounds a run that went wrong.
+DRAIN_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -386,11 +389,16 @@ def test_metrics_names(server):
 # Disconnects abort the engine request ----------------------------------------
 
 
-def wait_for_running(server, predicate, timeout: float) -> float:
+# These tests time the server while it generates: their connections are
+# opened first (server.connected_client), and each bound is far shorter than
+# the generation it checks (1500 tokens take well over a minute here).
+
+
+def wait_for_running(metrics: httpx.Client, predicate, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
-        value = server.metric("vllm:num_requests_running")
+        value = metric_value(metrics.get("/metrics").text, "vllm:num_requests_running")
         if value is not None and predicate(value):
             return value
         time.sleep(0.1)
@@ -407,65 +415,69 @@ LONG_GENERATION = {
 
 
 def test_stream_disconnect_aborts_the_request(server):
-    with httpx.stream("POST", f"{server.url}{CHAT}", json={**LONG_GENERATION, "stream": True}, headers=auth(), timeout=60) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        received = 0
-        for line in lines:
-            if line.startswith("data: "):
-                received += 1
-            if received >= 3:
-                break
-        assert wait_for_running(server, lambda v: v >= 1, 10) >= 1
-    # The connection is closed here; 1500 tokens would take far longer than this.
-    assert wait_for_running(server, lambda v: v == 0, 5) == 0
+    with server.connected_client(timeout=60, headers=auth()) as caller, server.connected_client() as metrics:
+        with caller.stream("POST", CHAT, json={**LONG_GENERATION, "stream": True}) as response:
+            assert response.status_code == 200
+            received = 0
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    received += 1
+                if received >= 3:
+                    break
+            assert wait_for_running(metrics, lambda v: v >= 1, 30) >= 1
+        # The connection is closed here.
+        assert wait_for_running(metrics, lambda v: v == 0, 10) == 0
 
 
 def test_non_stream_disconnect_aborts_the_request(server):
-    def give_up_early():
-        try:
-            httpx.post(f"{server.url}{CHAT}", json=LONG_GENERATION, headers=auth(), timeout=3)
-        except httpx.TimeoutException:
-            pass  # the client hangs up
+    with server.connected_client(timeout=3, headers=auth()) as caller, server.connected_client() as metrics:
+        def give_up_early():
+            try:
+                caller.post(CHAT, json=LONG_GENERATION)
+            except httpx.TimeoutException:
+                pass  # the client hangs up
 
-    caller = threading.Thread(target=give_up_early)
-    caller.start()
-    assert wait_for_running(server, lambda v: v >= 1, 10) >= 1
-    caller.join()
-    assert wait_for_running(server, lambda v: v == 0, 5) == 0
+        calling = threading.Thread(target=give_up_early)
+        calling.start()
+        assert wait_for_running(metrics, lambda v: v >= 1, 30) >= 1
+        calling.join()
+        assert wait_for_running(metrics, lambda v: v == 0, 10) == 0
 
 
 # Shutdown (ends the module's server: keep last) --------------------------------
 
 
 def test_sigterm_drains_an_in_flight_stream_and_exits_0(server):
-    # Long enough that the stream is still running while the drain is probed on
-    # a fast CPU (48 tokens finished before the third probe on an AMX Xeon), short
-    # enough to finish well inside the drain timeout on a slow one.
     body = {**LONG_GENERATION, "max_tokens": 400, "stream": True}
-    with httpx.stream("POST", f"{server.url}{CHAT}", json=body, headers=auth(), timeout=120) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))
-        assert first
+    with server.connected_client(timeout=120, headers=auth()) as caller, \
+            server.connected_client(timeout=30, headers=auth()) as probe:
+        with caller.stream("POST", CHAT, json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
 
-        server.send_signal(signal.SIGTERM)
-        ready = httpx.get(f"{server.url}/health/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json()["phase"] == "draining"
-        # A second SIGTERM once draining (a wrapper forwarding what the group
-        # also got) must not cut the drain.
-        server.send_signal(signal.SIGTERM)
-        refused = httpx.post(f"{server.url}{CHAT}", json={"model": MODEL, "messages": GOOD_MESSAGES}, headers=auth(), timeout=5)
-        assert_openai_error(refused, 503, "ServiceUnavailableError")
-        assert refused.headers["retry-after"].isdigit()
-        assert httpx.get(f"{server.url}/health/live", timeout=5).status_code == 200
+            # Frozen, the engine cannot finish the stream while the drain is probed.
+            with server.frozen_engine():
+                server.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while (ready := probe.get("/health/ready")).json().get("phase") != "draining" \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert ready.status_code == 503 and ready.json()["phase"] == "draining", ready.text
+                # A second SIGTERM once draining (a wrapper forwarding what the
+                # group also got) must not cut the drain.
+                server.send_signal(signal.SIGTERM)
+                refused = probe.post(CHAT, json={"model": MODEL, "messages": GOOD_MESSAGES})
+                assert_openai_error(refused, 503, "ServiceUnavailableError")
+                assert refused.headers["retry-after"].isdigit()
+                assert probe.get("/health/live").status_code == 200
 
-        finish_reason = None
-        for line in lines:
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            for choice in json.loads(line[len("data: "):]).get("choices", []):
-                finish_reason = choice.get("finish_reason") or finish_reason
+            finish_reason = None
+            for line in lines:
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[len("data: "):]).get("choices", []):
+                    finish_reason = choice.get("finish_reason") or finish_reason
     assert finish_reason == "length"  # completed, not aborted
-    assert server.wait_exit(timeout=DRAIN_TIMEOUT) == 0
+    assert server.wait_exit(timeout=60) == 0
     assert "received SIGTERM again while draining: ignored" in server.log_path.read_text()
