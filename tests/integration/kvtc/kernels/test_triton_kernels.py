@@ -53,10 +53,9 @@ def _reference_lse(query, cache, table, seq_lens, qsl, layer, scale):
 
 
 CASES = {
-    # name: (layout, kv heads, group, head_dim, seq_lens, query tokens, block size, splits, data
-    #        [, code decoding: default unit-fp16 where it applies; 0 = the original 0x6400 one])
+    # name: (layout, kv heads, group, head_dim, seq_lens, query tokens, block size, splits, data);
+    # word-packed layouts take the unit-fp16 code decoding, prefix (straddling) the original one
     "ragged-mtp-bs16": ("word-packed", 2, 3, 64, [37, 5, 130], [1, 4, 3], 16, None, "calibrated"),
-    "original-decode": ("word-packed", 2, 3, 64, [37, 5], [1, 4], 16, 2, "calibrated", 0),
     "ragged-one-split-bs32": ("word-packed", 2, 3, 64, [70, 1], [2, 1], 32, 1, "off-distribution"),
     "many-splits-bs8": ("word-packed", 2, 2, 64, [90, 33], [4, 4], 8, 7, "calibrated"),
     "straddling-offsets": ("prefix", 2, 3, 64, [30, 9], [1, 4], 16, 2, "calibrated"),
@@ -66,11 +65,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_decode_matches_reference_attention(kernels, kernel_device, case):
-    layout, num_kv, group, dim, seq_lens, nqs, block_size, splits, data, *unpack = CASES[case]
+    layout, num_kv, group, dim, seq_lens, nqs, block_size, splits, data = CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     layer, stats = codec(layout, num_kv, dim, seed=7)
     dev_layer = layer.to(kernel_device)
     tables = kernels.prepare_layer_tables(dev_layer)
+    # the layout picks the code decoding: unit-fp16, or the original where codes straddle words
+    assert tables.keys.straddles == tables.values.straddles == (layout == "prefix")
     table, cache = paged_cache(layer, seq_lens, block_size, gen, kernel_device)
     for b, n in enumerate(seq_lens):
         k, v = tokens(stats, n, data, gen)
@@ -84,7 +85,7 @@ def test_decode_matches_reference_attention(kernels, kernel_device, case):
     out, lse = kernels.decode_attention(
         query.to(kernel_device), cache, table, lens.to(kernel_device), qsl.to(kernel_device),
         tables, scale, max(nqs), max(seq_lens), num_splits=splits, out=out, return_lse=True,
-        block_t=16, unpack=unpack[0] if unpack else None)
+        block_t=16)
     cache, table = cache.cpu(), table.cpu()
     ref = attention_on_slots(query.float(), cache, table, lens, qsl, layer, scale)
     assert torch.isfinite(out).all(), "unwritten (poisoned) outputs"
