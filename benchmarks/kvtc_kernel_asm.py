@@ -1,5 +1,7 @@
 """Dump the KVTC split kernel's TTGIR / PTX / SASS and an opcode histogram of
-its main loop, for reading what the compiler made of it (no timing).
+its main loop, for reading what the compiler made of it (no timing). The
+defaults dump lnarize_serve's (production) kernel; --variant / --unpack /
+--tables-in-registers the experimental ones of kvtc_decode_variants.py.
 
     python benchmarks/kvtc_kernel_asm.py --out $OUT [--variant 1] [--block-t 64]
 """
@@ -19,6 +21,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kvtc_decode_variants import decoder  # noqa: E402
 
 from lnarize_serve.kvtc.format.fit import random_layer_codec  # noqa: E402
 from lnarize_serve.kvtc.kernels import decode_attention, prepare_layer_tables  # noqa: E402
@@ -42,6 +47,8 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--q-tokens", type=int, default=1)
     parser.add_argument("--unpack", type=int, default=None, help="UNPACK mode (default: kernels')")
+    parser.add_argument("--tables-in-registers", action="store_true",
+                        help="pin the shift/mask tables instead of re-reading them per iteration")
     args = parser.parse_args()
     layer, _ = random_layer_codec(4, 256, 2.0, 4.0, seed=0)
     tables = prepare_layer_tables(layer.to("cuda"))
@@ -52,11 +59,13 @@ def main() -> None:
     qsl = torch.tensor([0, nq], dtype=torch.int32, device="cuda")
     q = torch.randn(nq, 24, 256, device="cuda", dtype=torch.bfloat16)
     compiled: list = []
-    decode_attention(q, cache, table, lens, qsl, tables, 0.0625, nq, ctx, block_t=args.block_t,
-                     num_warps=args.warps, variant=args.variant, unpack=args.unpack,
-                     compiled=compiled)
+    decode = decoder(args.variant, not args.tables_in_registers, args.unpack)
+    decode(q, cache, table, lens, qsl, tables, 0.0625, nq, ctx, block_t=args.block_t,
+           num_warps=args.warps, compiled=compiled)
     k = compiled[0]
-    tag = f"v{args.variant}_bt{args.block_t}_w{args.warps}_q{nq}_u{args.unpack}"
+    kernel = "production" if decode is decode_attention else "variants"
+    tag = (f"{kernel}_v{args.variant}{'_regtables' if args.tables_in_registers else ''}"
+           f"_bt{args.block_t}_w{args.warps}_q{nq}_u{args.unpack}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"split_{tag}.ttgir").write_text(k.asm["ttgir"])
     sass = sass_of(k)

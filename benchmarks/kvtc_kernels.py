@@ -5,6 +5,9 @@ SDPA, with byte counts and the measured-bandwidth floor. One run does it all:
     PYTHONUNBUFFERED=1 python benchmarks/kvtc_kernels.py --out $OUT [--quick]
 
 Prints a table last; writes kvtc_kernels.json and kvtc_kernels.png to --out.
+The KVTC column times lnarize_serve's decode_attention (the shipped kernel);
+--sweep, --unpack-ab and the per-formulation checks run the experimental
+split kernels of kvtc_decode_variants.py beside it.
 Shape: Qwen3.6-27B full attention (24 query heads, 4 KV heads, head_dim 256),
 KVTC K2V4 (64 + 128 = 192 bytes per token per KV head; bf16 1024).
 """
@@ -25,6 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kvtc_decode_variants import KNOBS as VARIANT_KNOBS  # noqa: E402
+from kvtc_decode_variants import decoder  # noqa: E402
 from paged_dense_decode import dense_paged_decode  # noqa: E402
 
 from lnarize_serve.kvtc.format.attention import attention_on_slots, dense_attention  # noqa: E402
@@ -181,17 +186,18 @@ def check_decode(layer, stats, tables, results, seq_lens, nqs, block_size, gen, 
     q = (torch.randn(int(qsl[-1]), Q_HEADS, HEAD_DIM, generator=gen) * 1.5).to(DEV, torch.bfloat16)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
     out = torch.full((q.shape[0], Q_HEADS, HEAD_DIM), float("nan"), dtype=torch.float32, device=DEV)
-    knobs = {k: cfg[k] for k in KERNEL_KNOBS if k in cfg}
-    out, lse = decode_attention(q, cache, table, lens, qsl, tables, SCALE, max(nqs), max(seq_lens),
-                                num_splits=num_splits, out=out, return_lse=True, **knobs)
+    decode = kvtc_decode(cfg)
+    out, lse = decode(q, cache, table, lens, qsl, tables, SCALE, max(nqs), max(seq_lens),
+                      num_splits=num_splits, out=out, return_lse=True, **tunables(cfg))
     sync()
     ref = attention_on_slots(q.float(), cache, table, lens, qsl, layer, SCALE)
     err = rel_err(out, ref)
     finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
     ok = finite and err < tol
-    results.append({"check": label, "variant": cfg.get("variant"), "rel_err": err,
-                    "finite": finite, "ok": ok})
-    log(f"check {label}: rel err {err:.2e} finite={finite} -> {'OK' if ok else 'FAIL'}")
+    kernel = "production" if decode is decode_attention else "variants"
+    results.append({"check": label, "kernel": kernel, "variant": cfg.get("variant"),
+                    "rel_err": err, "finite": finite, "ok": ok})
+    log(f"check {label} ({kernel}): rel err {err:.2e} finite={finite} -> {'OK' if ok else 'FAIL'}")
     del cache, ref
 
 
@@ -236,11 +242,12 @@ def bench_cell(timer, tables, layer, batch, ctx, nq, block_size, copy_bw, kvtc_c
     splits = default_num_splits(batch, KV_HEADS, ctx, kvtc_cfg["block_t"],
                                 programs_per_sm=kvtc_cfg.get("programs_per_sm", 8))
     fn = kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, kvtc_cfg)
+    row["kvtc_kernel"] = "production" if kvtc_decode(kvtc_cfg) is decode_attention else "variants"
     table_bytes = 4 * KV_HEADS * HEAD_DIM * (int((layer.keys.bits > 0).sum(1).max())
                                              + int((layer.values.bits > 0).sum(1).max()) + 2)
     kvtc_bytes = tokens * KV_HEADS * layer.slot_bytes + q_out_bytes + table_bytes
     row["kvtc_ms"] = timer(fn)
-    for unpack in unpack_ab:  # the same call with another code decoding, side by side
+    for unpack in unpack_ab:  # the experimental kernel with another code decoding, side by side
         fn = kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, {**kvtc_cfg, "unpack": unpack})
         try:
             row[f"kvtc_ms_unpack{unpack}"] = timer(fn)
@@ -311,7 +318,8 @@ def bench_write(timer, tables, layer, stats, sizes, gen) -> list[dict]:
 
 
 # What decode_attention's callers (the vLLM backend) should pass, per query
-# tokens per sequence; measured by --sweep (docs/kvtc-kernels.md).
+# tokens per sequence; measured by --sweep (docs/kvtc-kernels.md). variant 1
+# with tables_in_loop is the production kernel's formulation (kvtc_decode).
 DEFAULT_CONFIG = {
     1: {"variant": 1, "tables_in_loop": True, "block_t": 128, "num_warps": 4, "num_stages": 2,
         "programs_per_sm": 8},
@@ -322,15 +330,28 @@ DEFAULT_CONFIG = {
 # for --head-baseline: their own defaults (BLOCK_T 64).
 HEAD_CONFIG = {"variant": 1, "tables_in_loop": True, "block_t": 64, "num_warps": 4,
                "num_stages": 2, "programs_per_sm": 8}
-KERNEL_KNOBS = ("block_t", "num_warps", "num_stages", "variant", "tables_in_loop", "unpack")
+TUNABLES = ("block_t", "num_warps", "num_stages")  # launch parameters of either kernel
+# an earlier decode.py (--head-baseline) also took the experimental kernel's knobs
+KERNEL_KNOBS = TUNABLES + VARIANT_KNOBS
+
+
+def tunables(cfg: dict) -> dict:
+    return {k: cfg[k] for k in TUNABLES if k in cfg}
+
+
+def kvtc_decode(cfg: dict):
+    """lnarize_serve's decode_attention when cfg asks for the production
+    formulation (or names none), else benchmarks/kvtc_decode_variants.py's
+    with cfg's knobs: the tables time the shipped kernel as the default."""
+    return decoder(**{k: cfg[k] for k in VARIANT_KNOBS if k in cfg})
 
 
 def kvtc_call(q, cache, table, lens, qsl, tables, nq, ctx, cfg, compiled=None):
     splits = default_num_splits(lens.shape[0], KV_HEADS, ctx, cfg["block_t"],
                                 programs_per_sm=cfg.get("programs_per_sm", 8))
-    knobs = {k: cfg[k] for k in KERNEL_KNOBS if k in cfg}
-    return lambda: decode_attention(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,
-                                    num_splits=splits, compiled=compiled, **knobs)
+    decode = kvtc_decode(cfg)
+    return lambda: decode(q, cache, table, lens, qsl, tables, SCALE, nq, ctx,
+                          num_splits=splits, compiled=compiled, **tunables(cfg))
 
 
 def sweep_configs(timer, tables, layer, gen, mode: str) -> tuple[dict, list]:
@@ -418,8 +439,10 @@ def kernel_breakdown(tables, layer, cfgs, gen) -> list[dict]:
 # -------------------------------------------------------------------- main
 def print_table(rows, copy_bw, gpu) -> None:
     print()
-    print(f"KVTC decode attention, {gpu}, copy bandwidth {copy_bw / 1e12:.2f} TB/s, "
-          f"Hq={Q_HEADS} Hkv={KV_HEADS} d={HEAD_DIM}, K2V4 192 B/token/head, block 16")
+    kernels = "/".join(sorted({r["kvtc_kernel"] for r in rows}))
+    print(f"KVTC decode attention ({kernels} kernel), {gpu}, copy bandwidth "
+          f"{copy_bw / 1e12:.2f} TB/s, Hq={Q_HEADS} Hkv={KV_HEADS} d={HEAD_DIM}, "
+          f"K2V4 192 B/token/head, block 16")
     hdr = ("B", "ctx", "q", "kvtc ms", "floor", "frac", "bf16 tri", "bf16 flr", "fp8 tri",
            "sdpa", "x bf16tri", "x sdpa", "x bf16flr")
     print("| " + " | ".join(hdr) + " |")
@@ -471,8 +494,9 @@ def main() -> int:
                         help="time kernel configurations and use the best (default: use the "
                              "kernels' defaults)")
     parser.add_argument("--unpack-ab", default="",
-                        help="comma-separated UNPACK modes (0 = original 0x6400 decode, 1 = "
-                             "unit-fp16, 2 = unit-fp16 pairs in PTX) also timed in every cell")
+                        help="comma-separated UNPACK modes of the experimental kernel (0 = "
+                             "original 0x6400 decode, 1 = unit-fp16, 2 = unit-fp16 pairs in PTX) "
+                             "also timed in every cell")
     parser.add_argument("--head-baseline", type=Path, default=None,
                         help="a copy of an earlier kernels/decode.py, timed beside (before/after)")
     parser.add_argument("--batches", default="", help="comma-separated batch sizes (override)")

@@ -19,7 +19,8 @@ _HERE = Path(__file__).parent
 LANES = {
     "engine": ("integration/vllm_kvtc", "integration/test_model",
                "integration/kvtc_tools/test_calibration_real_model.py"),
-    "slow": ("integration/kvtc/kernels/test_triton_kernels.py",),
+    "slow": ("integration/kvtc/kernels/test_triton_kernels.py",
+             "integration/bench/test_kvtc_decode_variants.py"),
 }
 
 

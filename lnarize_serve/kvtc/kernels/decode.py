@@ -85,22 +85,6 @@ def _to_half(codes):
 
 
 @triton.jit
-def _codes_3d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.constexpr,
-              KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr):
-    """[BLOCK_T, NWP * KP] fp16 codes: load [T, NW] words, extract in a
-    [T, NW, KP] tile (shift/mask are [NWP, KP]), then flatten."""
-    w = tl.arange(0, NWP)
-    ptrs = words_base + row[:, None] + w[None, :]
-    lo = tl.load(ptrs, mask=tok_ok[:, None] & (w < NW)[None, :], other=0).to(tl.uint32, bitcast=True)
-    codes = lo[:, :, None] >> shift[None, :, :]
-    if STRADDLES:
-        hi = tl.load(ptrs + 1, mask=tok_ok[:, None] & (w + 1 < NW)[None, :], other=0)
-        hi = hi.to(tl.uint32, bitcast=True)
-        codes = codes | ((hi[:, :, None] << 1) << (31 - shift[None, :, :]))
-    return tl.reshape(_to_half(codes & mask[None, :, :]), (BLOCK_T, NWP * KP))
-
-
-@triton.jit
 def _rotate_right(x, n, USE_ASM: tl.constexpr):
     """x rotated right by n (1..31): one funnel shift (SHF.R.W) when compiled;
     the shift/or form under the interpreter (inline PTX cannot run there)."""
@@ -112,26 +96,13 @@ def _rotate_right(x, n, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _unit_half(words, rot, mask, UNPACK: tl.constexpr, USE_ASM: tl.constexpr):
+def _unit_half(words, rot, mask, USE_ASM: tl.constexpr):
     """Codes as fp16 numbers 1 + code * 2^(p - 10) (tables.py, unit_rot):
     rotate, truncate to 16 bits, mask and OR the exponent of 1.0 (after the
     truncation, so a packed pair of codes shares one LOP3; masking the 32-bit
     word first measured 15% slower). No fp16 subtraction: the bias and the
-    unit are folded into the callers' per-column constants. UNPACK 2 does a
-    pair in PTX (two rotations, one PRMT, one LOP3, plus a mask-pair PRMT
-    ptxas can share); it measured within noise of UNPACK 1 at one query token
-    and up to 7% slower at batch 1 with 4, so it stays an option only."""
-    if UNPACK == 2 and USE_ASM:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 a, b, p, m, k;
-            shf.r.wrap.b32 a, $1, $1, $3;
-            shf.r.wrap.b32 b, $2, $2, $4;
-            prmt.b32 p, a, b, 0x5410;
-            prmt.b32 m, $5, $6, 0x5410;
-            mov.b32 k, 0x3C003C00;
-            lop3.b32 $0, p, m, k, 0xEA;
-            }""", "=r,r,r,r,r,r,r", [words, rot, mask], dtype=tl.float16, is_pure=True, pack=2)
+    unit are folded into the callers' per-column constants. A pair decode in
+    inline PTX measured no faster (benchmarks/kvtc_decode_variants.py)."""
     r = _rotate_right(words, rot, USE_ASM)
     bits = (r.to(tl.uint16) & mask.to(tl.uint16)) | 0x3C00
     return bits.to(tl.float16, bitcast=True)
@@ -152,7 +123,7 @@ def _codes_2d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.co
                                     (BLOCK_T, NWP, KP)), (BLOCK_T, C))
     if UNPACK > 0:
         return _unit_half(lo, tl.broadcast_to(shift[None, :], (BLOCK_T, C)),
-                          tl.broadcast_to(mask[None, :], (BLOCK_T, C)), UNPACK, USE_ASM)
+                          tl.broadcast_to(mask[None, :], (BLOCK_T, C)), USE_ASM)
     codes = lo >> shift[None, :]
     if STRADDLES:
         nxt = tl.load(wptrs + 1, mask=tok_ok[:, None] & (w + 1 < NW)[None, :], other=0)
@@ -160,30 +131,6 @@ def _codes_2d(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.co
                                         (BLOCK_T, NWP, KP)), (BLOCK_T, C))
         codes = codes | ((hi << 1) << (31 - shift[None, :]))
     return _to_half(codes & mask[None, :])
-
-
-@triton.jit
-def _codes_2d_t(words_base, row, tok_ok, shift, mask, NW: tl.constexpr, NWP: tl.constexpr,
-                KP: tl.constexpr, BLOCK_T: tl.constexpr, STRADDLES: tl.constexpr,
-                UNPACK: tl.constexpr = 0, USE_ASM: tl.constexpr = False):
-    """Transposed :func:`_codes_2d`: [C, BLOCK_T] (the A operand of p @ codes
-    computed as codes^T @ p^T)."""
-    C: tl.constexpr = NWP * KP
-    w = tl.arange(0, NWP)
-    wptrs = words_base + row[None, :] + w[:, None]
-    words = tl.load(wptrs, mask=tok_ok[None, :] & (w < NW)[:, None], other=0)
-    lo = tl.reshape(tl.broadcast_to(words.to(tl.uint32, bitcast=True)[:, None, :],
-                                    (NWP, KP, BLOCK_T)), (C, BLOCK_T))
-    if UNPACK > 0:
-        return _unit_half(lo, tl.broadcast_to(shift[:, None], (C, BLOCK_T)),
-                          tl.broadcast_to(mask[:, None], (C, BLOCK_T)), UNPACK, USE_ASM)
-    codes = lo >> shift[:, None]
-    if STRADDLES:
-        nxt = tl.load(wptrs + 1, mask=tok_ok[None, :] & (w + 1 < NW)[:, None], other=0)
-        hi = tl.reshape(tl.broadcast_to(nxt.to(tl.uint32, bitcast=True)[:, None, :],
-                                        (NWP, KP, BLOCK_T)), (C, BLOCK_T))
-        codes = codes | ((hi << 1) << (31 - shift[:, None]))
-    return _to_half(codes & mask[:, None])
 
 
 @triton.jit
@@ -196,19 +143,18 @@ def _kvtc_split_kernel(
         GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
         K_NW: tl.constexpr, K_NWP: tl.constexpr, K_KP: tl.constexpr, K_STRADDLES: tl.constexpr,
         V_WORD0: tl.constexpr, V_NW: tl.constexpr, V_NWP: tl.constexpr, V_KP: tl.constexpr,
-        V_STRADDLES: tl.constexpr, VARIANT: tl.constexpr, TABLES_IN_LOOP: tl.constexpr,
-        VALID_ROWS: tl.constexpr, UNPACK: tl.constexpr = 0, USE_ASM: tl.constexpr = False):
-    """VARIANT 0: rows x tokens (codes are the dot's B operand), 3-D extract;
-    1: same, 2-D broadcast extract; 2: tokens x rows (codes are the A
-    operand, kept in registers), broadcast extract.
-    TABLES_IN_LOOP re-reads the per-column shift/mask tables (L1-resident)
-    every iteration instead of pinning ~4 registers per column (variants 1-3).
+        V_STRADDLES: tl.constexpr, VALID_ROWS: tl.constexpr,
+        UNPACK: tl.constexpr = 0, USE_ASM: tl.constexpr = False):
+    """Rows x tokens (codes are the dot's B operand), 2-D broadcast extract.
+    The per-column shift/mask tables (L1-resident) are re-read every
+    iteration instead of pinning ~4 registers per column.
     UNPACK 0: codes = (word >> shift) & mask, then 0x6400 | c - 1024 in fp16;
-    UNPACK 1/2 (variants 1-2, no straddling codes): unit-fp16 codes (see
-    _unit_half), the tables are the unit_* ones, and the 1.0 bias leaves the
-    scores through the row constant (sum of the fp16 qs) and the values
-    through unit_zero (so the softmax sum is taken over the fp16 probabilities
-    the value MMA sees)."""
+    UNPACK 1 (no straddling codes): unit-fp16 codes (see _unit_half), the
+    tables are the unit_* ones, and the 1.0 bias leaves the scores through
+    the row constant (sum of the fp16 qs) and the values through unit_zero
+    (so the softmax sum is taken over the fp16 probabilities the value MMA
+    sees). The other formulations measured are in
+    benchmarks/kvtc_decode_variants.py."""
     split = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -229,7 +175,6 @@ def _kvtc_split_kernel(
 
     KC: tl.constexpr = K_NWP * K_KP
     VC: tl.constexpr = V_NWP * V_KP
-    TRANSPOSED: tl.constexpr = VARIANT == 2
     rows = tl.arange(0, ROWS)
     kcols = tl.arange(0, KC)
     vcols = tl.arange(0, VC)
@@ -240,26 +185,16 @@ def _kvtc_split_kernel(
         last_visible = tl.minimum(last_visible, tl.maximum(last_visible - window + 1, hi) - 1)
     pair = (seq * num_kv_heads + head).to(tl.int64)
     qconst = tl.load(qconst_ptr + pair * ROWS + rows)
-    if VARIANT == 0:
-        kgrid = tl.arange(0, K_NWP)[:, None] * K_KP + tl.arange(0, K_KP)[None, :]
-        vgrid = tl.arange(0, V_NWP)[:, None] * V_KP + tl.arange(0, V_KP)[None, :]
-    else:
-        kgrid = kcols
-        vgrid = vcols
+    kgrid = kcols
+    vgrid = vcols
     k_shift = tl.load(k_shift_ptr + head * KC + kgrid).to(tl.uint32)
     k_mask = tl.load(k_mask_ptr + head * KC + kgrid).to(tl.uint32)
     v_shift = tl.load(v_shift_ptr + head * VC + vgrid).to(tl.uint32)
     v_mask = tl.load(v_mask_ptr + head * VC + vgrid).to(tl.uint32)
-    if TRANSPOSED:
-        qs = tl.load(qs_ptr + pair * ROWS * KC + rows[None, :] * KC + kcols[:, None])  # [KC, ROWS]
-        acc = tl.zeros((VC, ROWS), dtype=tl.float32)
-        if UNPACK > 0:
-            qconst = qconst - tl.sum(qs.to(tl.float32), axis=0)
-    else:
-        qs = tl.load(qs_ptr + pair * ROWS * KC + rows[:, None] * KC + kcols[None, :])  # [ROWS, KC]
-        acc = tl.zeros((ROWS, VC), dtype=tl.float32)
-        if UNPACK > 0:
-            qconst = qconst - tl.sum(qs.to(tl.float32), axis=1)
+    qs = tl.load(qs_ptr + pair * ROWS * KC + rows[:, None] * KC + kcols[None, :])  # [ROWS, KC]
+    acc = tl.zeros((ROWS, VC), dtype=tl.float32)
+    if UNPACK > 0:
+        qconst = qconst - tl.sum(qs.to(tl.float32), axis=1)
 
     run_max = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
     run_sum = tl.zeros((ROWS,), dtype=tl.float32)
@@ -269,68 +204,37 @@ def _kvtc_split_kernel(
         tok_ok = (pos < end) & (pos >= first)
         block = tl.load(table_row + pos // block_size, mask=tok_ok, other=0).to(tl.int64)
         slot_row = block * stride_block + head * stride_head + (pos % block_size) * stride_slot
-        if TABLES_IN_LOOP:
-            # a loop-variant (always true) predicate keeps these loads in the loop
-            k_live = kgrid < KC + (end - t0)
-            v_live = vgrid < VC + (end - t0)
-            k_shift = tl.load(k_shift_ptr + head * KC + kgrid, mask=k_live, other=0).to(tl.uint32)
-            k_mask = tl.load(k_mask_ptr + head * KC + kgrid, mask=k_live, other=0).to(tl.uint32)
-            v_shift = tl.load(v_shift_ptr + head * VC + vgrid, mask=v_live, other=0).to(tl.uint32)
-            v_mask = tl.load(v_mask_ptr + head * VC + vgrid, mask=v_live, other=0).to(tl.uint32)
-        if TRANSPOSED:
-            k_codes = _codes_2d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
-                                K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES, UNPACK, USE_ASM)
-            scores = tl.dot(k_codes, qs) + qconst[None, :]  # [T, ROWS]
-            visible = tok_ok[:, None] & (pos[:, None] <= last_visible[None, :])
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(scores, axis=0))
-            alpha = tl.exp2(run_max - new_max)
-            probs = tl.exp2(scores - new_max[None, :])
-            p16 = probs.to(tl.float16)
-            if UNPACK > 0:
-                run_sum = run_sum * alpha + tl.sum(p16.to(tl.float32), axis=0)
-            else:
-                run_sum = run_sum * alpha + tl.sum(probs, axis=0)
-            v_codes = _codes_2d_t(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
-                                  V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES, UNPACK, USE_ASM)
-            acc = acc * alpha[None, :] + tl.dot(v_codes, p16)  # [VC, ROWS]
+        # a loop-variant (always true) predicate keeps these loads in the loop
+        k_live = kgrid < KC + (end - t0)
+        v_live = vgrid < VC + (end - t0)
+        k_shift = tl.load(k_shift_ptr + head * KC + kgrid, mask=k_live, other=0).to(tl.uint32)
+        k_mask = tl.load(k_mask_ptr + head * KC + kgrid, mask=k_live, other=0).to(tl.uint32)
+        v_shift = tl.load(v_shift_ptr + head * VC + vgrid, mask=v_live, other=0).to(tl.uint32)
+        v_mask = tl.load(v_mask_ptr + head * VC + vgrid, mask=v_live, other=0).to(tl.uint32)
+        k_codes = _codes_2d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
+                            K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES, UNPACK, USE_ASM)
+        scores = tl.dot(qs, tl.trans(k_codes)) + qconst[:, None]  # [ROWS, T]
+        visible = tok_ok[None, :] & (pos[None, :] <= last_visible[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(scores, axis=1))
+        alpha = tl.exp2(run_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        p16 = probs.to(tl.float16)
+        if UNPACK > 0:
+            run_sum = run_sum * alpha + tl.sum(p16.to(tl.float32), axis=1)
         else:
-            if VARIANT == 0:
-                k_codes = _codes_3d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
-                                    K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES)
-            else:
-                k_codes = _codes_2d(cache_ptr, slot_row, tok_ok, k_shift, k_mask,
-                                    K_NW, K_NWP, K_KP, BLOCK_T, K_STRADDLES, UNPACK, USE_ASM)
-            scores = tl.dot(qs, tl.trans(k_codes)) + qconst[:, None]  # [ROWS, T]
-            visible = tok_ok[None, :] & (pos[None, :] <= last_visible[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(scores, axis=1))
-            alpha = tl.exp2(run_max - new_max)
-            probs = tl.exp2(scores - new_max[:, None])
-            p16 = probs.to(tl.float16)
-            if UNPACK > 0:
-                run_sum = run_sum * alpha + tl.sum(p16.to(tl.float32), axis=1)
-            else:
-                run_sum = run_sum * alpha + tl.sum(probs, axis=1)
-            if VARIANT == 0:
-                v_codes = _codes_3d(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
-                                    V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES)
-            else:
-                v_codes = _codes_2d(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
-                                    V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES, UNPACK, USE_ASM)
-            acc = acc * alpha[:, None] + tl.dot(p16, v_codes)  # [ROWS, VC]
+            run_sum = run_sum * alpha + tl.sum(probs, axis=1)
+        v_codes = _codes_2d(cache_ptr + V_WORD0, slot_row, tok_ok, v_shift, v_mask,
+                            V_NW, V_NWP, V_KP, BLOCK_T, V_STRADDLES, UNPACK, USE_ASM)
+        acc = acc * alpha[:, None] + tl.dot(p16, v_codes)  # [ROWS, VC]
         run_max = new_max
 
     part = pair * num_splits + split
     row_ok = rows < VALID_ROWS  # padding rows of the MMA tile are never read back
     tl.store(part_max_ptr + part * ROWS + rows, run_max, mask=row_ok)
     tl.store(part_sum_ptr + part * ROWS + rows, run_sum, mask=row_ok)
-    if TRANSPOSED:
-        tl.store(part_acc_ptr + part * ROWS * VC + rows[None, :] * VC + vcols[:, None], acc,
-                 mask=row_ok[None, :])
-    else:
-        tl.store(part_acc_ptr + part * ROWS * VC + rows[:, None] * VC + vcols[None, :], acc,
-                 mask=row_ok[:, None])
+    tl.store(part_acc_ptr + part * ROWS * VC + rows[:, None] * VC + vcols[None, :], acc,
+             mask=row_ok[:, None])
 
 
 @triton.jit
@@ -425,7 +329,6 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
                      out: torch.Tensor | None = None, return_lse: bool = False,
                      compressed_range: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                      block_t: int = 128, num_warps: int = 4, num_stages: int = 2,
-                     variant: int = 1, tables_in_loop: bool = True, unpack: int | None = None,
                      compiled: list | None = None):
     """Attention of query tokens over a KVTC paged cache, causal over the new ones.
 
@@ -441,13 +344,11 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     lo[b] <= t < max(q - window + 1, hi[b]) (the caller attends to the others
     from exact vectors and merges through the LSE: the sink before lo, each
     row's last ``window`` positions or the suffix from hi; a row that reads
-    nothing gets LSE -inf and a finite output of no meaning). ``variant``
-    selects the split kernel's formulation (see _kvtc_split_kernel);
-    ``unpack`` its code decoding (None: the unit-fp16 decode, UNPACK 1, where
-    it applies, i.e. variants 1-2 without straddling codes; else the original
-    0x6400 decode, UNPACK 0, which is also what 0 forces);
-    ``compiled``, if a list, receives the launched kernels (for their
-    register / spill / shared-memory reports).
+    nothing gets LSE -inf and a finite output of no meaning). Codes are
+    decoded as unit-fp16 numbers (UNPACK 1) when every code sits inside one
+    32-bit word, else with the original 0x6400 decode (UNPACK 0).
+    ``compiled``, if a list, receives the launched split kernel (for its
+    register / spill / shared-memory report in the benchmarks).
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_heads = tables.num_kv_heads
@@ -488,12 +389,8 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     coeff = torch.empty(batch, num_heads, rows, v.columns, dtype=torch.float32, device=dev)
     words = cache.view(torch.int32)
     slab = min(64, k.columns)
-    unit_ok = variant in (1, 2) and not k.straddles and not v.straddles
-    if unpack is None:
-        unpack = 1 if unit_ok else 0
-    if unpack and not unit_ok:
-        raise ValueError(f"unpack={unpack} needs variant 1 or 2 and word-packed offsets "
-                         "(no straddling codes); use unpack=0")
+    # the unit-fp16 decode reads each code from one word: straddling codes take the original
+    unpack = 0 if k.straddles or v.straddles else 1
     # the unit-fp16 decode folds its bias and unit into the scale/zero tables
     k_scale = k.unit_scale if unpack else k.scale
     v_scale, v_zero = (v.unit_scale, v.unit_zero) if unpack else (v.scale, v.zero)
@@ -516,8 +413,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
         GROUP=group, ROWS=rows, BLOCK_T=block_t,
         K_NW=k.num_words, K_NWP=k.words_padded, K_KP=k.kmax_padded, K_STRADDLES=k.straddles,
         V_WORD0=v.word_offset, V_NW=v.num_words, V_NWP=v.words_padded, V_KP=v.kmax_padded,
-        V_STRADDLES=v.straddles, VARIANT=variant, TABLES_IN_LOOP=tables_in_loop and variant > 0,
-        VALID_ROWS=valid_rows, UNPACK=unpack, USE_ASM=use_asm,
+        V_STRADDLES=v.straddles, VALID_ROWS=valid_rows, UNPACK=unpack, USE_ASM=use_asm,
         num_warps=num_warps, num_stages=num_stages)
     if compiled is not None:
         compiled.append(split_kernel)

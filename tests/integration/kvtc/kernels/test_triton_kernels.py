@@ -7,73 +7,22 @@ compiled. benchmarks/kvtc_kernels.py repeats the checks at GPU sizes.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from lnarize_serve.kvtc.format.attention import attention_on_slots, gather_slots
 from lnarize_serve.kvtc.format.attention import write_slots as reference_write
 from lnarize_serve.kvtc.format.codec import decode_kv, encode_kv
-from lnarize_serve.kvtc.format.fit import random_layer_codec, sample_from_statistics
-from lnarize_serve.kvtc.format.bitpack import bit_offsets
-from lnarize_serve.kvtc.format.codec import KindCodec, LayerCodec
-
-POISON_BYTE = 0xA5
-
-
-def _prefix_offsets(layer: LayerCodec) -> LayerCodec:
-    """Same calibration, codes packed back to back (they straddle 32-bit words):
-    the kernels' general path for offsets that do not follow word packing."""
-    def repack(part: KindCodec) -> KindCodec:
-        return KindCodec(part.mean, part.basis, part.bits, part.scale, part.zero,
-                         bit_offsets(part.bits) * (part.bits > 0), part.num_bytes)
-    return LayerCodec(repack(layer.keys), repack(layer.values))
-
-
-def _codec(kind: str, num_kv_heads: int, head_dim: int, seed: int):
-    layer, stats = random_layer_codec(num_kv_heads, head_dim, 2.0, 4.0, seed=seed)
-    if kind == "prefix":
-        layer = _prefix_offsets(layer)
-    return layer, stats
-
-
-def _tokens(stats, num_tokens: int, data: str, gen: torch.Generator):
-    if data == "calibrated":
-        return (sample_from_statistics(stats["keys"], num_tokens, gen),
-                sample_from_statistics(stats["values"], num_tokens, gen))
-    # off-distribution: heavy tails, so many codes clamp at 0 or 2^b - 1
-    heads, dim = len(stats["keys"]), stats["keys"][0].mean.shape[0]
-    return (torch.randn(num_tokens, heads, dim, generator=gen) * 3.0,
-            torch.randn(num_tokens, heads, dim, generator=gen).pow(3))
-
-
-def _paged_cache(layer, seq_lens, block_size, gen, device):
-    blocks_per = [math.ceil(n / block_size) for n in seq_lens]
-    perm = torch.randperm(sum(blocks_per) + 3, generator=gen)  # spare blocks stay poisoned
-    table = torch.zeros(len(seq_lens), max(blocks_per) + 1, dtype=torch.int32)
-    used = 0
-    for b, nb in enumerate(blocks_per):
-        table[b, :nb] = perm[used:used + nb].to(torch.int32)
-        used += nb
-    cache = torch.full((sum(blocks_per) + 3, layer.num_kv_heads, block_size, layer.slot_bytes),
-                       POISON_BYTE, dtype=torch.uint8)
-    return table.to(device), cache.to(device)
-
-
-def _slot_mapping(table, seq, length, block_size):
-    pos = torch.arange(length, device=table.device)
-    return table[seq, pos // block_size].long() * block_size + pos % block_size
-
+from tests.fixtures.kvtc_paged import POISON_BYTE, codec, paged_cache, slot_mapping, tokens
 
 @pytest.mark.parametrize("layout", ["word-packed", "prefix"])
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 def test_write_matches_reference_encoder_bytes(kernels, kernel_device, layout, block_size):
     gen = torch.Generator().manual_seed(block_size)
-    layer, stats = _codec(layout, 2, 64, seed=3)
+    layer, stats = codec(layout, 2, 64, seed=3)
     tables = kernels.prepare_layer_tables(layer.to(kernel_device))
     assert tables.keys.straddles == (layout == "prefix")
-    k, v = _tokens(stats, 45, "off-distribution", gen)
+    k, v = tokens(stats, 45, "off-distribution", gen)
     num_blocks = 5
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:45]
     slots[::7] = -1  # vLLM padding: nothing may be written for these
@@ -104,10 +53,9 @@ def _reference_lse(query, cache, table, seq_lens, qsl, layer, scale):
 
 
 CASES = {
-    # name: (layout, kv heads, group, head_dim, seq_lens, query tokens, block size, splits, data
-    #        [, code decoding: default unit-fp16 where it applies; 0 = the original 0x6400 one])
+    # name: (layout, kv heads, group, head_dim, seq_lens, query tokens, block size, splits, data);
+    # word-packed layouts take the unit-fp16 code decoding, prefix (straddling) the original one
     "ragged-mtp-bs16": ("word-packed", 2, 3, 64, [37, 5, 130], [1, 4, 3], 16, None, "calibrated"),
-    "original-decode": ("word-packed", 2, 3, 64, [37, 5], [1, 4], 16, 2, "calibrated", 0),
     "ragged-one-split-bs32": ("word-packed", 2, 3, 64, [70, 1], [2, 1], 32, 1, "off-distribution"),
     "many-splits-bs8": ("word-packed", 2, 2, 64, [90, 33], [4, 4], 8, 7, "calibrated"),
     "straddling-offsets": ("prefix", 2, 3, 64, [30, 9], [1, 4], 16, 2, "calibrated"),
@@ -117,16 +65,18 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_decode_matches_reference_attention(kernels, kernel_device, case):
-    layout, num_kv, group, dim, seq_lens, nqs, block_size, splits, data, *unpack = CASES[case]
+    layout, num_kv, group, dim, seq_lens, nqs, block_size, splits, data = CASES[case]
     gen = torch.Generator().manual_seed(len(case))
-    layer, stats = _codec(layout, num_kv, dim, seed=7)
+    layer, stats = codec(layout, num_kv, dim, seed=7)
     dev_layer = layer.to(kernel_device)
     tables = kernels.prepare_layer_tables(dev_layer)
-    table, cache = _paged_cache(layer, seq_lens, block_size, gen, kernel_device)
+    # the layout picks the code decoding: unit-fp16, or the original where codes straddle words
+    assert tables.keys.straddles == tables.values.straddles == (layout == "prefix")
+    table, cache = paged_cache(layer, seq_lens, block_size, gen, kernel_device)
     for b, n in enumerate(seq_lens):
-        k, v = _tokens(stats, n, data, gen)
+        k, v = tokens(stats, n, data, gen)
         kernels.write_slots(k.to(kernel_device), v.to(kernel_device),
-                            _slot_mapping(table, b, n, block_size), cache, tables)
+                            slot_mapping(table, b, n, block_size), cache, tables)
     qsl = torch.tensor([0, *torch.tensor(nqs).cumsum(0).tolist()], dtype=torch.int32)
     query = (torch.randn(int(qsl[-1]), num_kv * group, dim, generator=gen) * 2.0).to(torch.bfloat16)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -135,7 +85,7 @@ def test_decode_matches_reference_attention(kernels, kernel_device, case):
     out, lse = kernels.decode_attention(
         query.to(kernel_device), cache, table, lens.to(kernel_device), qsl.to(kernel_device),
         tables, scale, max(nqs), max(seq_lens), num_splits=splits, out=out, return_lse=True,
-        block_t=16, unpack=unpack[0] if unpack else None)
+        block_t=16)
     cache, table = cache.cpu(), table.cpu()
     ref = attention_on_slots(query.float(), cache, table, lens, qsl, layer, scale)
     assert torch.isfinite(out).all(), "unwritten (poisoned) outputs"
@@ -148,13 +98,13 @@ def test_decode_matches_reference_attention(kernels, kernel_device, case):
 def test_decode_reads_slots_written_by_the_reference_encoder(kernels, kernel_device):
     """Write and decode are each checked against the reference, not each other."""
     gen = torch.Generator().manual_seed(11)
-    layer, stats = _codec("word-packed", 2, 64, seed=5)
+    layer, stats = codec("word-packed", 2, 64, seed=5)
     tables = kernels.prepare_layer_tables(layer.to(kernel_device))
     seq_lens, block_size = [23, 61], 16
-    table, cache = _paged_cache(layer, seq_lens, block_size, gen, "cpu")
+    table, cache = paged_cache(layer, seq_lens, block_size, gen, "cpu")
     for b, n in enumerate(seq_lens):
-        k, v = _tokens(stats, n, "calibrated", gen)
-        reference_write(cache, encode_kv(k, v, layer), _slot_mapping(table, b, n, block_size))
+        k, v = tokens(stats, n, "calibrated", gen)
+        reference_write(cache, encode_kv(k, v, layer), slot_mapping(table, b, n, block_size))
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
     query = torch.randn(2, 6, 64, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -166,7 +116,7 @@ def test_decode_reads_slots_written_by_the_reference_encoder(kernels, kernel_dev
 
 
 def test_bad_inputs_are_refused_with_the_reason(kernels, kernel_device):
-    layer, _ = _codec("word-packed", 2, 64, seed=1)
+    layer, _ = codec("word-packed", 2, 64, seed=1)
     tables = kernels.prepare_layer_tables(layer.to(kernel_device))
     k = torch.zeros(3, 2, 64, device=kernel_device)
     wrong_cache = torch.zeros(2, 2, 16, layer.slot_bytes + 4, dtype=torch.uint8, device=kernel_device)
@@ -184,14 +134,14 @@ def test_decode_over_a_range_of_positions_matches_the_reference(kernels, kernel_
     12-position exact suffix), 1 reads all, 2 (one token, its sink) reads
     nothing: LSE -inf and a finite output, which the glue's merge weighs 0."""
     gen = torch.Generator().manual_seed(21)
-    layer, stats = _codec("word-packed", 2, 64, seed=9)
+    layer, stats = codec("word-packed", 2, 64, seed=9)
     tables = kernels.prepare_layer_tables(layer.to(kernel_device))
     seq_lens, block_size = [45, 20, 1], 16  # query tokens 4, 1, 1
-    table, cache = _paged_cache(layer, seq_lens, block_size, gen, kernel_device)
+    table, cache = paged_cache(layer, seq_lens, block_size, gen, kernel_device)
     for b, n in enumerate(seq_lens):
-        k, v = _tokens(stats, n, "calibrated", gen)
+        k, v = tokens(stats, n, "calibrated", gen)
         kernels.write_slots(k.to(kernel_device), v.to(kernel_device),
-                            _slot_mapping(table, b, n, block_size), cache, tables)
+                            slot_mapping(table, b, n, block_size), cache, tables)
     qsl = torch.tensor([0, 4, 5, 6], dtype=torch.int32)
     query = torch.randn(6, 6, 64, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
