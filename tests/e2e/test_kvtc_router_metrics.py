@@ -54,8 +54,12 @@ def server(server_logs):
 
 
 def samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return samples_in(httpx.get(f"{url}/metrics", timeout=10).text, name)
+
+
+def samples_in(exposition: str, name: str) -> list[tuple[dict[str, str], float]]:
     found = []
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+    for line in exposition.splitlines():
         match = _SAMPLE.match(line)
         if match and match["name"] == name:
             found.append((dict(_LABEL.findall(match["labels"] or "")), float(match["value"])))
@@ -64,6 +68,11 @@ def samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
 
 def single_value(url: str, name: str) -> float:
     (only,) = samples(url, name)
+    return only[1]
+
+
+def single_value_in(exposition: str, name: str) -> float:
+    (only,) = samples_in(exposition, name)
     return only[1]
 
 
@@ -117,16 +126,20 @@ def test_kv_usage_gauge_moves_with_the_compressed_pool(server):
             errors.append(error)
 
     threads = [threading.Thread(target=one_request, args=(seed,)) for seed in range(REQUESTS)]
-    for thread in threads:
-        thread.start()
     readings: list[tuple[float, float, float]] = []  # usage, running, waiting
-    while any(thread.is_alive() for thread in threads):
-        readings.append((
-            single_value(server.url, "vllm:kv_cache_usage_perc"),
-            single_value(server.url, "vllm:num_requests_running"),
-            single_value(server.url, "vllm:num_requests_waiting"),
-        ))
-        time.sleep(0.2)
+    # Read over one connection opened before generation starts (and kept
+    # alive by the readings themselves).
+    with server.connected_client(timeout=10) as metrics:
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            exposition = metrics.get("/metrics").text
+            readings.append((
+                single_value_in(exposition, "vllm:kv_cache_usage_perc"),
+                single_value_in(exposition, "vllm:num_requests_running"),
+                single_value_in(exposition, "vllm:num_requests_waiting"),
+            ))
+            time.sleep(0.2)
     for thread in threads:
         thread.join()
     assert not errors, errors
