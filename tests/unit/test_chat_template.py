@@ -81,6 +81,7 @@ def test_thinking_on_by_default_and_earlier_reasoning_dropped():
     assert prompt.endswith("<|im_start|>assistant\n<think>\n")
 
 
+@pytest.mark.vllm
 def test_a_shipped_name_or_a_file_reaches_vllms_chat_template_argument(monkeypatch, tmp_path):
     assert frontend_args(load_settings(), build_engine_args(load_settings())).chat_template is None
     monkeypatch.setenv("LNARIZE_CHAT_TEMPLATE", "qwen3-fixed")
@@ -104,6 +105,7 @@ def test_an_unknown_name_or_missing_file_is_one_configuration_error(monkeypatch,
     assert "neither a shipped chat template (qwen3-fixed) nor a file" in message
 
 
+@pytest.mark.vllm
 def test_the_rendered_call_is_what_the_qwen3_xml_parser_reads_back(tmp_path):
     # The template's pairing: a call it renders into history parses back to
     # the same arguments with vLLM's qwen3_xml parser.

@@ -122,6 +122,7 @@ def test_kvtc_config_says_in_words_what_it_cannot_resolve_offline(capsys, monkey
     assert "null" not in out.split("# KVTC", 1)[1].split("# vLLM", 1)[0]
 
 
+@pytest.mark.vllm  # the version of the vLLM it imports
 def test_version_and_help_and_unknown(capsys):
     code, out, _ = run_cli(capsys, "version")
     assert code == 0 and "lnarize-serve" in out and "vllm 0.32.0" in out

@@ -31,6 +31,7 @@ def test_mode_bytes_per_token_and_head(mode, head_dim, expected):
      "turboquant_3bit_nc", "turboquant_k8v4", "bf16"],
 )
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.vllm
 def test_mode_bytes_equal_vllm_customize_spec(mode, head_dim):
     from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
     from vllm.v1.attention.backends.turboquant_attn import TurboQuantAttentionBackend

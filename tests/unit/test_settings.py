@@ -98,8 +98,8 @@ def test_every_preset_line_is_a_known_setting():
         ("LNARIZE_SPECULATIVE_TOKENS", "-1", "LNARIZE_SPECULATIVE_TOKENS"),
         ("LNARIZE_MAX_MODEL_LEN", "lots", "LNARIZE_MAX_MODEL_LEN='lots'"),
         ("LNARIZE_PROFILE", "turbo", "allowed: interactive, long-context, cpu-demo"),
-        ("LNARIZE_QUANTIZATION", "nvfp5", "unknown quantization 'nvfp5'"),
-        ("LNARIZE_KV_CACHE_DTYPE", "int3", "unknown KV cache dtype 'int3'"),
+        pytest.param("LNARIZE_QUANTIZATION", "nvfp5", "unknown quantization 'nvfp5'", marks=pytest.mark.vllm),
+        pytest.param("LNARIZE_KV_CACHE_DTYPE", "int3", "unknown KV cache dtype 'int3'", marks=pytest.mark.vllm),
         ("LNARIZE_LOG_LEVEL", "loud", "LNARIZE_LOG_LEVEL='loud'"),
         ("LNARIZE_ENFORCE_EAGER", "maybe", "LNARIZE_ENFORCE_EAGER='maybe'"),
     ],
@@ -183,6 +183,7 @@ def test_auto_tool_choice_needs_a_parser(monkeypatch):
         load_settings()
 
 
+@pytest.mark.vllm
 def test_engine_args_escape_hatch_accepts_real_fields(monkeypatch):
     monkeypatch.setenv("LNARIZE_ENGINE_ARGS", '{"max_num_batched_tokens": 4096, "seed": 7}')
     assert load_settings().engine_args == {"max_num_batched_tokens": 4096, "seed": 7}
@@ -191,7 +192,8 @@ def test_engine_args_escape_hatch_accepts_real_fields(monkeypatch):
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ('{"max_num_batched_tokenz": 1}', "unknown vLLM engine argument(s): max_num_batched_tokenz"),
+        pytest.param('{"max_num_batched_tokenz": 1}', "unknown vLLM engine argument(s): max_num_batched_tokenz",
+                     marks=pytest.mark.vllm),
         ('{"max_model_len": 1}', "use LNARIZE_MAX_MODEL_LEN instead"),
         ("[1, 2]", "must be a JSON object"),
         ("{not json", "not valid JSON"),

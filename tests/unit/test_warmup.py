@@ -7,6 +7,7 @@ from lnarize_serve.settings import Settings
 
 
 @pytest.mark.parametrize("speculative_tokens", [0, 1, 3])
+@pytest.mark.vllm  # vLLM's SamplingParams
 def test_warm_up_runs_decode_and_verify_steps_even_if_every_draft_is_accepted(speculative_tokens):
     params = warmup_sampling_params(Settings(speculative_tokens=speculative_tokens))
     assert params.ignore_eos and params.temperature == 0.0

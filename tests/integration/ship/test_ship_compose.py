@@ -89,6 +89,7 @@ def test_gpu_shm_init_ports_and_restart(service) -> None:
     assert service["restart"] in ("unless-stopped", "always", "on-failure")
 
 
+@pytest.mark.vllm  # app_route_paths: the app mounts vLLM's OpenAI routers
 def test_healthcheck_targets_readiness_with_a_first_start_sized_start_period(service, app_route_paths) -> None:
     check = service["healthcheck"]
     assert check["test"][:3] == ["CMD", "python3", "-c"]

@@ -97,6 +97,7 @@ def test_entrypoint_is_exec_form_and_the_script_is_copied_there(instructions) ->
     assert exec_form(only(instructions, "CMD").arguments) == ["serve"]
 
 
+@pytest.mark.vllm  # app_route_paths: the app mounts vLLM's OpenAI routers
 def test_healthcheck_uses_python_urllib_on_the_apps_readiness_route(instructions, app_route_paths) -> None:
     options, rest = split_options(only(instructions, "HEALTHCHECK").arguments)
     assert rest.startswith("CMD ")

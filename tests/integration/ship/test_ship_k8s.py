@@ -89,6 +89,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 # Probes and timings ------------------------------------------------------------------
 
 
+@pytest.mark.vllm  # app_route_paths: the app mounts vLLM's OpenAI routers
 def test_probes_and_scrape_path_hit_the_apps_routes(deployment, container, app_route_paths) -> None:
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] in app_route_paths
     assert container["startupProbe"]["httpGet"]["path"] == "/health/ready"

@@ -28,6 +28,7 @@ def parallel_settings() -> list[dict]:
 
 
 @pytest.mark.parametrize("engine_args", parallel_settings(), ids=lambda args: next(iter(args)))
+@pytest.mark.vllm  # vLLM's AsyncEngineArgs
 def test_each_parallel_setting_reaches_the_engine_arguments(engine_args, monkeypatch) -> None:
     from lnarize_serve.engine_args import build_engine_args
     from lnarize_serve.settings import load_settings
