@@ -28,18 +28,24 @@ async def watch_event_loop(
 ) -> None:
     """Run as a task for the life of the server."""
     stacks_to = stacks_to if stacks_to is not None else sys.stderr
+    dump_stacks = True
     try:
         while True:
-            # Re-armed every tick: it fires only if the loop misses ticks for stall_s.
-            faulthandler.dump_traceback_later(stall_s, file=stacks_to)
+            if dump_stacks:
+                # Re-armed every tick: it fires only if the loop misses ticks for stall_s.
+                try:
+                    faulthandler.dump_traceback_later(stall_s, file=stacks_to)
+                except (RuntimeError, ValueError, OSError, AttributeError) as exc:
+                    # No file descriptor to write to (stderr closed): the warning alone.
+                    logger.info("event-loop stall stacks disabled: %s", exc)
+                    dump_stacks = False
             started = time.monotonic()
             await asyncio.sleep(tick_s)
             late = time.monotonic() - started - tick_s
             if late >= stall_s:
                 logger.warning(
-                    "the event loop stood still for %.1f s: every request waited meanwhile "
-                    "(the stacks of all threads at that moment are logged just above)",
-                    late,
+                    "the event loop stood still for %.1f s: every request waited meanwhile%s",
+                    late, " (the stacks of all threads at that moment are logged just above)" if dump_stacks else "",
                 )
     finally:
         faulthandler.cancel_dump_traceback_later()

@@ -39,3 +39,23 @@ def test_a_turning_loop_logs_nothing(tmp_path, caplog):
         stacks = asyncio.run(run_watch(tmp_path, caplog, block_s=0))
     assert "stood still" not in caplog.text
     assert stacks == ""
+
+
+class NoFileDescriptor:
+    def fileno(self) -> int:
+        raise OSError("closed")
+
+
+def test_without_a_stream_for_the_stacks_the_warning_still_comes(caplog):
+    async def watch_a_blocked_loop() -> None:
+        watch = asyncio.create_task(watch_event_loop(stall_s=0.3, tick_s=0.05, stacks_to=NoFileDescriptor()))
+        await asyncio.sleep(0.2)
+        blocking_callback_in_the_loop(0.8)
+        await asyncio.sleep(0.2)
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="lnarize_serve.loop_stall"):
+        asyncio.run(watch_a_blocked_loop())
+    assert "stacks disabled" in caplog.text
+    assert "stood still" in caplog.text and "logged just above" not in caplog.text
