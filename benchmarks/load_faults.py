@@ -8,8 +8,13 @@ same rounds with assertions).
 Starts `python -m lnarize_serve` (cpu-demo profile, loopback only), prints one
 table: per round, requests sent / completed / aborted by the client / refused
 with 503 / errors / lost, vllm:num_requests_running after the round and the
-API server's RSS. "lost" is a request that reached the server and ended with
+API server's RSS. "lost" is a request that got a response and ended with
 neither a complete stream, our own hang-up, a 503 refusal nor an error event.
+"unanswered" is one whose connection was reset before any response: at
+shutdown, connections still waiting in the kernel's accept queue when the
+server closes its listening socket are reset by the kernel (TCP's own race;
+the server never saw them, which the test checks against the server's access
+log); in a plain round it counts as a failure.
 CPU figures; on a shared machine they include other processes' load.
 """
 
@@ -40,7 +45,7 @@ PROMPTS = [
     "List facts about the planets of the solar system.",
     "Describe a walk through a forest in autumn.",
 ]
-OUTCOMES = ("completed", "client_abort", "refused_503", "error", "lost", "not_connected")
+OUTCOMES = ("completed", "client_abort", "refused_503", "error", "lost", "unanswered", "not_connected")
 
 
 @dataclasses.dataclass
@@ -70,6 +75,11 @@ class RoundResult:
     def sent(self) -> int:
         return sum(self.outcomes[o] for o in OUTCOMES if o != "not_connected")
 
+    @property
+    def answered(self) -> int:
+        """Requests that got a response: each is one line in the server's access log."""
+        return self.sent - self.outcomes["unanswered"]
+
 
 def is_openai_error(payload: object) -> bool:
     if not isinstance(payload, dict) or set(payload) != {"error"} or not isinstance(payload["error"], dict):
@@ -81,8 +91,10 @@ async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str
     """One streaming chat request; returns (outcome, detail)."""
     events = 0
     finish_reason = None
+    answered = False
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+            answered = True
             if response.status_code == 503:
                 payload = json.loads(await response.aread())
                 return ("refused_503", "") if is_openai_error(payload) else ("error", f"503 not OpenAI-shaped: {payload}")
@@ -107,6 +119,8 @@ async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str
     except httpx.ConnectError:
         return "not_connected", ""  # the listener is gone (after SIGTERM): nothing was sent
     except httpx.TransportError as exc:
+        if not answered:
+            return "unanswered", f"{type(exc).__name__} before any response: {exc}"
         return "lost", f"{type(exc).__name__} after {events} events: {exc}"
 
 
@@ -146,6 +160,11 @@ def wait_idle(url: str, timeout: float = 10.0) -> float | None:
     return value
 
 
+def access_log_posts(log: Path) -> int:
+    """Chat requests the server answered, from its access log (one line each)."""
+    return sum(" lnarize_serve.access: POST /v1/chat/completions " in line for line in log.read_text(errors="replace").splitlines())
+
+
 def rss_mib(pid: int) -> float:
     import psutil
 
@@ -172,14 +191,14 @@ async def run_round(name: str, url: str, api_key: str | None, config: LoadConfig
 
 
 def print_table(rounds: list[RoundResult]) -> None:
-    header = f"{'round':<14}{'sent':>6}{'completed':>11}{'client abort':>14}{'refused 503':>13}{'errors':>8}{'lost':>6}{'running after':>15}{'RSS MiB':>9}{'s':>6}"
+    header = f"{'round':<14}{'sent':>6}{'completed':>11}{'client abort':>14}{'refused 503':>13}{'errors':>8}{'lost':>6}{'unanswered':>12}{'running after':>15}{'RSS MiB':>9}{'s':>6}"
     print(header)
     print("-" * len(header))
     for r in rounds:
         running = "-" if r.running_after is None else f"{r.running_after:g}"
         rss = "-" if r.rss_mib is None else f"{r.rss_mib:.0f}"
         o = r.outcomes
-        print(f"{r.name:<14}{r.sent:>6}{o['completed']:>11}{o['client_abort']:>14}{o['refused_503']:>13}{o['error']:>8}{o['lost']:>6}{running:>15}{rss:>9}{r.seconds:>6.0f}")
+        print(f"{r.name:<14}{r.sent:>6}{o['completed']:>11}{o['client_abort']:>14}{o['refused_503']:>13}{o['error']:>8}{o['lost']:>6}{o['unanswered']:>12}{running:>15}{rss:>9}{r.seconds:>6.0f}")
     for r in rounds:
         for detail in r.details[:10]:
             print(f"  {r.name}: {detail}")
@@ -241,7 +260,9 @@ def main() -> int:
     print_table(results)
     print(f"exit code after SIGTERM: {exit_code}; server log: {log}")
     lost = sum(r.outcomes["lost"] for r in results)
-    return 0 if exit_code == 0 and lost == 0 else 1
+    unanswered_in_plain_rounds = sum(r.outcomes["unanswered"] for r in results[:-1])
+    answered_logged = access_log_posts(log) == sum(r.answered for r in results)
+    return 0 if exit_code == 0 and lost == 0 and unanswered_in_plain_rounds == 0 and answered_logged else 1
 
 
 if __name__ == "__main__":
