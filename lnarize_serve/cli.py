@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,7 +52,24 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
+def ensure_standard_fds() -> None:
+    """Put /dev/null on any of file descriptors 0-2 that is closed (a
+    supervisor started us with no stdin, say), so that no file or socket
+    opened later takes a standard number: libuv, under uvicorn's loop,
+    aborts the process when it closes one (`uv__close: Assertion
+    fd > STDERR_FILENO`), which would turn a clean exit 0 into SIGABRT."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    ensure_standard_fds()
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in ("-h", "--help"):
         print(_top_level_help())

@@ -181,3 +181,31 @@ def test_setting_outside_vllms_choices_prints_only_the_error_line():
     assert len(lines) == 2 and lines[1].startswith(
         "invalid setting LNARIZE_KV_CACHE_DTYPE='bogus': unknown KV cache dtype 'bogus'; allowed: auto"
     ), result.stderr
+
+
+def test_closed_standard_fds_get_dev_null_before_anything_else_opens_one():
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys\n"
+        "from lnarize_serve.cli import ensure_standard_fds\n"
+        "before = []\n"
+        "for fd in (0, 2):\n"
+        "    try:\n"
+        "        os.fstat(fd); before.append('open')\n"
+        "    except OSError:\n"
+        "        before.append('closed')\n"
+        "ensure_standard_fds()\n"
+        "print(before, os.readlink('/proc/self/fd/0'), os.readlink('/proc/self/fd/2'))\n"
+    )
+
+    def close_stdin_and_stderr():
+        os.close(0)
+        os.close(2)
+
+    completed = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True,
+                               preexec_fn=close_stdin_and_stderr, timeout=60)
+    assert completed.returncode == 0
+    assert completed.stdout.split() == ["['closed',", "'closed']", os.devnull, os.devnull]
