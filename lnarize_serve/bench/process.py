@@ -127,9 +127,11 @@ class ServerProcess:
             time.sleep(poll_s)
         raise ServerStartError(f"{self.name} not ready after {waited:.0f} s; log {self.log_path}:\n{self.log_tail(30)}")
 
-    def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
-        """Sum of the samples of one series on /metrics matching ``labels`` (None if absent)."""
-        return metric_value(httpx.get(f"{self.url}/metrics", timeout=10).text, name, labels)
+    def metric(self, name: str, labels: Mapping[str, str] | None = None, client: httpx.Client | None = None) -> float | None:
+        """Sum of the samples of one series on /metrics matching ``labels`` (None if absent);
+        read over ``client`` (its base URL this server's) when given, else a new connection."""
+        response = client.get("/metrics") if client is not None else httpx.get(f"{self.url}/metrics", timeout=10)
+        return metric_value(response.text, name, labels)
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of the server and all its children so far."""

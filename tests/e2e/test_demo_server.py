@@ -16,7 +16,6 @@ import httpx
 import openai
 import pytest
 
-from lnarize_serve.bench.process import metric_value
 from tests.e2e.conftest import running_server
 from tests.e2e.server_process import base_env
 
@@ -394,11 +393,11 @@ def test_metrics_names(server):
 # the generation it checks (1500 tokens take well over a minute here).
 
 
-def wait_for_running(metrics: httpx.Client, predicate, timeout: float) -> float:
+def wait_for_running(server, metrics: httpx.Client, predicate, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
-        value = metric_value(metrics.get("/metrics").text, "vllm:num_requests_running")
+        value = server.metric("vllm:num_requests_running", client=metrics)
         if value is not None and predicate(value):
             return value
         time.sleep(0.1)
@@ -424,9 +423,9 @@ def test_stream_disconnect_aborts_the_request(server):
                     received += 1
                 if received >= 3:
                     break
-            assert wait_for_running(metrics, lambda v: v >= 1, 30) >= 1
+            assert wait_for_running(server, metrics, lambda v: v >= 1, 30) >= 1
         # The connection is closed here.
-        assert wait_for_running(metrics, lambda v: v == 0, 10) == 0
+        assert wait_for_running(server, metrics, lambda v: v == 0, 10) == 0
 
 
 def test_non_stream_disconnect_aborts_the_request(server):
@@ -439,9 +438,9 @@ def test_non_stream_disconnect_aborts_the_request(server):
 
         calling = threading.Thread(target=give_up_early)
         calling.start()
-        assert wait_for_running(metrics, lambda v: v >= 1, 30) >= 1
+        assert wait_for_running(server, metrics, lambda v: v >= 1, 30) >= 1
         calling.join()
-        assert wait_for_running(metrics, lambda v: v == 0, 10) == 0
+        assert wait_for_running(server, metrics, lambda v: v == 0, 10) == 0
 
 
 # Shutdown (ends the module's server: keep last) --------------------------------

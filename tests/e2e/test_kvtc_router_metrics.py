@@ -67,8 +67,7 @@ def samples_in(exposition: str, name: str) -> list[tuple[dict[str, str], float]]
 
 
 def single_value(url: str, name: str) -> float:
-    (only,) = samples(url, name)
-    return only[1]
+    return single_value_in(httpx.get(f"{url}/metrics", timeout=10).text, name)
 
 
 def single_value_in(exposition: str, name: str) -> float:
